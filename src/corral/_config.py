@@ -1,0 +1,109 @@
+"""Pool settings: one frozen, validated value object with the defaults and why.
+
+Owns: every knob's name, default and valid range. Must not touch: processes or
+the event loop; a PoolConfig is plain data, checked when it is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ._framing import DEFAULT_MAX_MESSAGE_SIZE, MAX_POSSIBLE_SIZE
+
+__all__ = ["PoolConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """How a Pool starts, places, waits and stops. All times are in seconds."""
+
+    #: Worker processes to keep running. Default: the number of CPUs.
+    size: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: Interpreter for the workers; None means the parent's, with its sys.path.
+    python: str | None = None
+    #: Added to (or overriding) the parent's environment in each worker.
+    env: Mapping[str, str] = field(default_factory=dict)
+    #: Working directory of the workers; None means the parent's.
+    cwd: str | None = None
+    #: Calls one worker may have in flight at once (pipelining). Sync handlers
+    #: still run one at a time; the queue lives in the worker, which saves a
+    #: round trip per call.
+    max_concurrency: int = 16
+    #: Default deadline of call() and stream() when no timeout= is given.
+    call_timeout: float | None = None
+    #: How long a worker has to import its target and run on_startup.
+    startup_timeout: float = 60.0
+    #: Largest message accepted either way; a 64 MiB argument fits by default.
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    #: Callers allowed to wait for a worker; past it, PoolOverloaded. None: no bound.
+    max_waiting: int | None = None
+    #: After a Cancel, how long a worker has to acknowledge before it is evicted.
+    cancel_grace: float = 1.0
+    #: On close: how long calls in flight may finish before workers are stopped.
+    drain_timeout: float = 10.0
+    #: On close: how long a worker has after Shutdown before SIGTERM, and after
+    #: SIGTERM before SIGKILL.
+    shutdown_grace: float = 2.0
+    kill_grace: float = 5.0
+    #: Failed starts tolerated within restart_window before the pool is failed.
+    max_restarts: int = 5
+    restart_window: float = 60.0
+    #: Backoff between failed starts: doubles from the first value up to the cap.
+    restart_backoff: float = 0.1
+    restart_backoff_max: float = 10.0
+    #: Ping every worker this often; one silent for heartbeat_timeout is evicted.
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 30.0
+    #: Items a stream may run ahead of its consumer.
+    stream_window: int = 32
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: float | None, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if value is None or value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"size must be a positive int, got {self.size!r}")
+        if not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be a positive int, got {self.max_concurrency!r}")
+        if not 0 < self.max_message_size <= MAX_POSSIBLE_SIZE:
+            raise ValueError(f"max_message_size must be in 1..{MAX_POSSIBLE_SIZE}")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0 or None, got {self.max_waiting!r}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
+        if self.stream_window < 1:
+            raise ValueError(f"stream_window must be >= 1, got {self.stream_window!r}")
+        positive("call_timeout", self.call_timeout, allow_none=True)
+        for name in (
+            "startup_timeout",
+            "cancel_grace",
+            "drain_timeout",
+            "shutdown_grace",
+            "kill_grace",
+            "restart_window",
+            "restart_backoff",
+            "restart_backoff_max",
+            "heartbeat_interval",
+            "heartbeat_timeout",
+        ):
+            positive(name, getattr(self, name))
+        object.__setattr__(self, "env", dict(self.env))
+
+    def replace(self, **changes: object) -> PoolConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        defaults = PoolConfig.__dataclass_fields__
+        shown = []
+        for name, f in defaults.items():
+            value = getattr(self, name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if name == "size" or value != default and not (name == "env" and not value):
+                shown.append(f"{name}={value!r}")
+        return f"PoolConfig({', '.join(shown)})"

@@ -1,0 +1,148 @@
+"""Frames: a 4-byte big-endian length, then one MessagePack-encoded message.
+
+Owns: turning messages into framed bytes and a byte stream back into messages,
+with the size limit and every malformed input mapped to ProtocolError. Must not
+touch: sockets, pipes or the event loop; it is fed bytes and returns values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from ._errors import EncodeError, PayloadTooLarge, ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "HEADER_SIZE",
+    "FrameDecoder",
+    "FrameEncoder",
+]
+
+HEADER_SIZE = 4
+MIB = 1024 * 1024
+# A single 64 MiB argument or result plus the envelope fits with room to spare.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * MIB + 1 * MIB
+# A frame's length field is 32 bits; larger limits cannot be expressed.
+MAX_POSSIBLE_SIZE = 2**32 - 1
+
+T = TypeVar("T")
+
+
+def _reject_extension(code: int, data: memoryview) -> Any:
+    # ``data`` is a view into the decoder's buffer; the traceback would keep it
+    # (and the buffer's export) alive, and the buffer could not be cleared.
+    del data
+    raise ProtocolError(f"unknown MessagePack extension type {code}")
+
+
+# Errors msgspec and the interpreter raise on hostile input (truncation, bad
+# UTF-8, wrong types, deep nesting): all of them mean "not a valid message".
+_DECODE_FAILURES = (msgspec.DecodeError, RecursionError, ValueError, TypeError, OverflowError)
+_ENCODE_FAILURES = (TypeError, ValueError, OverflowError, RecursionError)
+
+
+class FrameEncoder:
+    """Appends framed messages to a bytearray, refusing any over the size limit."""
+
+    __slots__ = ("_encode_into", "max_size")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        if not 0 < max_size <= MAX_POSSIBLE_SIZE:
+            raise ValueError(f"max_size must be in 1..{MAX_POSSIBLE_SIZE}, got {max_size}")
+        self.max_size = max_size
+        self._encode_into = msgspec.msgpack.Encoder().encode_into
+
+    def append(self, message: Any, buffer: bytearray) -> int:
+        """Append one frame to ``buffer`` and return its payload size.
+
+        On failure ``buffer`` is left exactly as it was: EncodeError for a value
+        MessagePack cannot hold, PayloadTooLarge for a message over the limit.
+        """
+        start = len(buffer)
+        try:
+            self._encode_into(message, buffer, start + HEADER_SIZE)
+        except BaseException as exc:
+            # msgspec leaves what it had written so far; a cyclic or too deeply
+            # nested value fails with RecursionError.
+            del buffer[start:]
+            if isinstance(exc, _ENCODE_FAILURES):
+                raise EncodeError(f"cannot encode message: {exc}") from exc
+            raise
+        size = len(buffer) - start - HEADER_SIZE
+        if size > self.max_size:
+            del buffer[start:]
+            raise PayloadTooLarge(
+                f"message of {size} bytes is over the limit of {self.max_size} bytes"
+            )
+        buffer[start : start + HEADER_SIZE] = size.to_bytes(HEADER_SIZE, "big")
+        return size
+
+    def encode(self, message: Any) -> bytearray:
+        """One framed message as a new buffer."""
+        buffer = bytearray()
+        self.append(message, buffer)
+        return buffer
+
+
+class FrameDecoder(Generic[T]):
+    """Incremental decoder: feed it bytes as they arrive, get whole messages back.
+
+    The length of each frame is checked against the limit as soon as its header
+    is complete, before any space for the body is used. After a ProtocolError
+    the stream is unusable and every later ``feed`` raises again.
+    """
+
+    __slots__ = ("_buffer", "_decode", "_failed", "max_size")
+
+    def __init__(self, message_type: type[T], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        if not 0 < max_size <= MAX_POSSIBLE_SIZE:
+            raise ValueError(f"max_size must be in 1..{MAX_POSSIBLE_SIZE}, got {max_size}")
+        self.max_size = max_size
+        self._decode = msgspec.msgpack.Decoder(message_type, ext_hook=_reject_extension).decode
+        self._buffer = bytearray()
+        self._failed: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[T]:
+        """Add received bytes; return the messages completed by them, in order."""
+        if self._failed is not None:
+            raise self._failed
+        buffer = self._buffer
+        buffer += data
+        messages: list[T] = []
+        offset = 0
+        available = len(buffer)
+        try:
+            while available - offset >= HEADER_SIZE:
+                size = int.from_bytes(buffer[offset : offset + HEADER_SIZE], "big")
+                if size == 0:
+                    raise ProtocolError("empty frame (length 0)")
+                if size > self.max_size:
+                    raise ProtocolError(
+                        f"frame of {size} bytes announced, over the limit of "
+                        f"{self.max_size} bytes"
+                    )
+                end = offset + HEADER_SIZE + size
+                if end > available:
+                    break
+                with memoryview(buffer) as view:
+                    try:
+                        messages.append(self._decode(view[offset + HEADER_SIZE : end]))
+                    except ProtocolError:
+                        raise
+                    except _DECODE_FAILURES as exc:
+                        raise ProtocolError(f"malformed message: {exc}") from exc
+                offset = end
+        except ProtocolError as exc:
+            self._failed = exc
+            buffer.clear()
+            raise
+        if offset:
+            del buffer[:offset]
+        return messages

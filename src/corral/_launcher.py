@@ -1,0 +1,243 @@
+"""How a worker process is started: the launcher seam and the local launcher.
+
+Owns: building the worker's command line and environment, spawning it under a
+shepherd (see ``_shepherd.py``) in a new session, the descriptors it gets (the
+two protocol pipes and the lifeline, nothing else), and the signals that stop
+it. Must not touch: what travels on the protocol pipes (``_transport``) or what
+the messages mean (``_handle``). A launcher that places workers elsewhere (a
+cluster) offers the same ``Launcher``/``LaunchedWorker`` surface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ._errors import ProtocolError, WorkerStartError
+from ._framing import FrameDecoder, FrameEncoder
+from ._messages import ParentBound
+from ._transport import FrameConnection, open_pipe_connection
+
+__all__ = [
+    "LaunchedWorker",
+    "Launcher",
+    "LocalLauncher",
+    "WorkerEvents",
+    "WorkerSpec",
+]
+
+SHEPHERD = str(Path(__file__).with_name("_shepherd.py"))
+SYS_PATH_ENV = "CORRAL_SYS_PATH"
+# Runs in the worker before anything else, so that corral itself (and the
+# target) import the way they do in the parent, whatever sys.path that took.
+_BOOTSTRAP = (
+    "import json,os,sys\n"
+    f"p=os.environ.get({SYS_PATH_ENV!r})\n"
+    "if p: sys.path[:]=json.loads(p)\n"
+    "from corral.worker.__main__ import main\n"
+    "main()\n"
+)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything needed to start one worker."""
+
+    worker_id: str
+    target: str
+    python: str | None = None  # None: the parent's interpreter, with its sys.path
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    max_message_size: int = 0
+
+    def command(self, read_fd: int, write_fd: int) -> list[str]:
+        """The worker's argv (without the shepherd in front)."""
+        args = [
+            "--fds",
+            f"{read_fd},{write_fd}",
+            "--worker-id",
+            self.worker_id,
+            "--max-message-size",
+            str(self.max_message_size),
+            self.target,
+        ]
+        if self.python is None:
+            return [sys.executable, "-c", _BOOTSTRAP, *args]
+        return [self.python, "-m", "corral.worker", *args]
+
+    def environment(self) -> dict[str, str]:
+        env = {**os.environ, **self.env}
+        if self.python is None:
+            env[SYS_PATH_ENV] = json.dumps([p or os.getcwd() for p in sys.path])
+        return env
+
+
+class WorkerEvents(Protocol):
+    """What a launched worker reports to its handle, all on the event loop."""
+
+    def frame_received(self, message: Any) -> None: ...
+    def connection_broken(self, error: ProtocolError | None) -> None: ...
+    def stderr_received(self, data: bytes) -> None: ...
+    def stderr_closed(self) -> None: ...
+    def process_exited(self, returncode: int) -> None: ...
+
+
+class LaunchedWorker(Protocol):
+    """The launcher's handle on one started worker."""
+
+    connection: FrameConnection
+
+    @property
+    def pid(self) -> int:
+        """Pid of the process the pool controls (for the local launcher, the shepherd)."""
+
+    def terminate(self) -> None:
+        """Ask politely: SIGTERM to the worker's process group."""
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group."""
+
+    def close(self) -> None:
+        """Release every descriptor and transport; kills the group if still alive."""
+
+
+class Launcher(Protocol):
+    async def launch(self, spec: WorkerSpec, events: WorkerEvents) -> LaunchedWorker: ...
+
+
+class _ShepherdProtocol(asyncio.SubprocessProtocol):
+    def __init__(self, events: WorkerEvents) -> None:
+        self.events = events
+        self.transport: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self.transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if fd == 2:
+            self.events.stderr_received(data if isinstance(data, bytes) else data.encode())
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 2:
+            self.events.stderr_closed()
+
+    def process_exited(self) -> None:
+        assert self.transport is not None
+        code = self.transport.get_returncode()
+        self.events.process_exited(code if code is not None else -1)
+
+
+class _LocalWorker:
+    def __init__(
+        self,
+        transport: asyncio.SubprocessTransport,
+        protocol: _ShepherdProtocol,
+        connection: FrameConnection,
+        lifeline: int,
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.connection = connection
+        self._lifeline = lifeline
+        self._pid = transport.get_pid()
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def _signal(self, sig: int) -> None:
+        # Only while the shepherd has not been reaped: its pid is still ours.
+        if self._transport.get_returncode() is None and not self._transport.is_closing():
+            try:
+                os.kill(self._pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGUSR1)
+        self._close_lifeline()  # the shepherd kills the group on lifeline EOF too
+
+    def force_kill(self) -> None:
+        """Last resort, when the shepherd itself does not end: SIGKILL it."""
+        self._signal(signal.SIGKILL)
+
+    def _close_lifeline(self) -> None:
+        if self._lifeline >= 0:
+            os.close(self._lifeline)
+            self._lifeline = -1
+
+    def close(self) -> None:
+        self._close_lifeline()
+        self.connection.close()
+        self._transport.close()
+
+
+class LocalLauncher:
+    """Starts each worker as a local subprocess under its own shepherd."""
+
+    async def launch(self, spec: WorkerSpec, events: WorkerEvents) -> _LocalWorker:
+        loop = asyncio.get_running_loop()
+        to_worker_r, to_worker_w = os.pipe()
+        to_parent_r, to_parent_w = os.pipe()
+        lifeline_r, lifeline_w = os.pipe()
+        child_ends = (to_worker_r, to_parent_w, lifeline_r)
+        parent_ends = [to_parent_r, to_worker_w, lifeline_w]
+        command = [
+            sys.executable,
+            "-I",
+            "-S",
+            SHEPHERD,
+            str(lifeline_r),
+            "--",
+            *spec.command(to_worker_r, to_parent_w),
+        ]
+        try:
+            try:
+                transport, protocol = await loop.subprocess_exec(
+                    lambda: _ShepherdProtocol(events),
+                    *command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    pass_fds=child_ends,
+                    close_fds=True,
+                    start_new_session=True,
+                    env=spec.environment(),
+                    cwd=spec.cwd,
+                )
+            except OSError as exc:
+                raise WorkerStartError(
+                    f"cannot start worker process: {exc}", worker_id=spec.worker_id
+                ) from exc
+        except BaseException:
+            for fd in (*child_ends, *parent_ends):
+                os.close(fd)
+            raise
+        for fd in child_ends:
+            os.close(fd)
+        try:
+            connection = await open_pipe_connection(
+                to_parent_r,
+                to_worker_w,
+                events,
+                FrameDecoder(ParentBound, spec.max_message_size),  # type: ignore[arg-type]
+                FrameEncoder(spec.max_message_size),
+            )
+        except BaseException:
+            os.close(lifeline_w)
+            transport.kill()
+            transport.close()
+            raise
+        return _LocalWorker(transport, protocol, connection, lifeline_w)

@@ -1,0 +1,909 @@
+"""The Pool: callers, the wait queue, sessions, checkout, supervision, shutdown.
+
+Owns: the public Pool API; which callers wait and in what order; the session ->
+worker map and lost sessions; starting, replacing and stopping workers; the
+restart budget. Decisions come from ``_router`` (pure); the per-process work is
+in ``_handle``. Must not touch: the wire format or process signals directly.
+
+Accounting rule: every slot a caller takes is given back synchronously, on
+every path (result, error, timeout, cancellation), so no exit path needs to
+await and none can leak. Anything that must wait (a Cancel's acknowledgement,
+an eviction) is the handle's, bounded by its own timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+
+from . import _router
+from ._config import PoolConfig
+from ._errors import (
+    CallTimeout,
+    CorralError,
+    PoolClosed,
+    PoolFailed,
+    PoolOverloaded,
+    PoolTimeout,
+    SessionLost,
+    WorkerStartError,
+)
+from ._handle import _END, PendingCall, WorkerHandle
+from ._launcher import Launcher, LocalLauncher, WorkerSpec
+from ._state import WorkerState
+from ._stats import PoolStats
+
+__all__ = ["CallStream", "Pool", "WorkerLease"]
+
+_pool_numbers = itertools.count(1)
+_LOST_SESSIONS_KEPT = 10_000
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Waiter:
+    __slots__ = ("exclusive", "future", "method", "queued", "session")
+
+    def __init__(
+        self, future: asyncio.Future[WorkerHandle], session: str | None, exclusive: bool, method: str | None
+    ) -> None:
+        self.future = future
+        self.session = session
+        self.exclusive = exclusive
+        self.method = method
+        self.queued = False
+
+
+class _WaitQueues:
+    """Callers waiting for a worker, by what they wait for; each queue is FIFO."""
+
+    __slots__ = ("exclusive", "plain", "sessions")
+
+    def __init__(self) -> None:
+        self.plain: collections.deque[_Waiter] = collections.deque()
+        self.exclusive: collections.deque[_Waiter] = collections.deque()
+        self.sessions: list[_Waiter] = []
+
+    def _queue_of(self, waiter: _Waiter) -> collections.deque[_Waiter] | list[_Waiter]:
+        if waiter.session is not None:
+            return self.sessions
+        return self.exclusive if waiter.exclusive else self.plain
+
+    def has_waiters_like(self, session: str | None, exclusive: bool) -> bool:
+        """Whether a new request of this kind must queue behind earlier ones."""
+        if session is not None:
+            return any(w.session == session for w in self.sessions)
+        return bool(self.exclusive) if exclusive else bool(self.plain or self.exclusive)
+
+    def add(self, waiter: _Waiter) -> None:
+        waiter.queued = True
+        self._queue_of(waiter).append(waiter)
+
+    def discard(self, waiter: _Waiter) -> None:
+        if waiter.queued:
+            waiter.queued = False
+            self._queue_of(waiter).remove(waiter)
+
+    def fail_all(self, error: CorralError) -> None:
+        for queue in (self.sessions, self.exclusive, self.plain):
+            for waiter in queue:
+                waiter.queued = False
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
+            queue.clear()
+
+    def __len__(self) -> int:
+        return len(self.plain) + len(self.exclusive) + len(self.sessions)
+
+
+class Pool:
+    """A pool of worker processes serving one ``corral.worker.App``.
+
+    ``target`` is ``"package.module:app"``. Options are those of PoolConfig
+    (``size``, ``python``, ``env``, ``cwd``, ``max_concurrency``,
+    ``call_timeout``, ...). Use ``async with Pool(...) as pool`` or the explicit
+    ``await pool.start()`` / ``await pool.aclose()``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        config: PoolConfig | None = None,
+        launcher: Launcher | None = None,
+        name: str | None = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(target, str) or ":" not in target:
+            raise ValueError(f"target must look like 'package.module:app', got {target!r}")
+        self.target = target
+        self.config = (config or PoolConfig()).replace(**options) if options else (config or PoolConfig())
+        self.name = name or f"pool{next(_pool_numbers)}"
+        self._launcher: Launcher = launcher or LocalLauncher()
+        self._log = structlog.get_logger("corral").bind(pool=self.name)
+        self._fork_generation = _fork_generation
+        self._workers: list[WorkerHandle] = []
+        self._queues = _WaitQueues()
+        self._claimed: WorkerHandle | None = None  # drained for a waiting checkout
+        self._sessions: dict[str, WorkerHandle] = {}
+        self._lost_sessions: dict[str, str] = {}  # session -> why, oldest first
+        self._worker_numbers = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._state = "new"  # new -> starting -> open -> closing -> closed
+        self._close_task: asyncio.Task[None] | None = None
+        self._idle_event: asyncio.Event | None = None
+        self._wake_supervisor: asyncio.Event | None = None
+        self._start_failures: collections.deque[float] = collections.deque()
+        self._consecutive_failures = 0
+        self._failed: WorkerStartError | None = None
+        self._last_start_error: WorkerStartError | None = None
+        self._restarts = 0
+        self._failed_starts = 0
+        self._calls_ok = 0
+        self._calls_failed: collections.Counter[str] = collections.Counter()
+        self._recent_deaths: collections.deque[float] = collections.deque()
+        self._watchers: list[asyncio.Future[None]] = []  # woken on any change
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start the workers: the first alone (a bad target fails fast), then the rest.
+
+        Raises WorkerStartError, with the worker's stderr tail, if the first
+        worker cannot start; the pool is then closed.
+        """
+        self._check_fork()
+        if self._state != "new":
+            raise PoolClosed(f"pool {self.name} was already started")
+        self._state = "starting"
+        self._idle_event = asyncio.Event()
+        self._wake_supervisor = asyncio.Event()
+        self._log.info("pool.starting", target=self.target, size=self.config.size)
+        try:
+            first = self._new_worker()
+            await first.start(self.config.startup_timeout)
+            rest = [self._new_worker() for _ in range(self.config.size - 1)]
+            results = await asyncio.gather(
+                *(w.start(self.config.startup_timeout) for w in rest), return_exceptions=True
+            )
+        except BaseException:
+            self._state = "open"
+            await self.aclose()
+            raise
+        for worker, outcome in zip(rest, results, strict=True):
+            if isinstance(outcome, BaseException):
+                self._start_failed(worker, outcome)
+        self._state = "open"
+        self._spawn_task(self._supervise(), "supervisor")
+        self._dispatch()
+        self._log.info("pool.started", ready=sum(w.state.accepting for w in self._workers))
+
+    async def aclose(self) -> None:
+        """Close the pool: refuse new work, drain calls in flight, stop every worker.
+
+        Bounded by drain_timeout + shutdown_grace + kill_grace (+ a few seconds);
+        idempotent; safe to call from several tasks. When it returns, no worker
+        process of this pool is left.
+        """
+        if self._state == "new":
+            self._state = "closed"
+            return
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        self._state = "closing"
+        self._log.info("pool.closing")
+        self._queues.fail_all(PoolClosed(f"pool {self.name} is closing"))
+        self._dispatch()  # wakes wait_ready() callers, which now see the pool closing
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        workers = list(self._workers)
+        if any(w.inflight for w in workers):
+            assert self._idle_event is not None
+            self._idle_event.clear()
+            self._dispatch()
+            try:
+                await asyncio.wait_for(self._idle_event.wait(), self.config.drain_timeout)
+            except TimeoutError:
+                self._log.warning("pool.drain_timeout", inflight=sum(w.inflight for w in workers))
+        await asyncio.gather(
+            *(w.shutdown(self.config.shutdown_grace, self.config.kill_grace) for w in workers)
+        )
+        self._workers.clear()
+        self._sessions.clear()
+        self._state = "closed"
+        self._log.info("pool.closed")
+
+    # --- public calls -------------------------------------------------------------
+
+    async def call(
+        self,
+        method: str,
+        /,
+        *args: Any,
+        session: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``method(*args, **kwargs)`` on a worker and return its result.
+
+        ``session`` pins the call to the worker holding that session's state.
+        ``timeout`` is one deadline for the wait, the wire and the work.
+        """
+        deadline = self._deadline(timeout)
+        worker = await self._acquire(session, False, deadline, method)
+        pending = worker.send_call(method, args, kwargs, session=session, deadline=deadline)
+        return await self._await_result(worker, pending)
+
+    async def _await_result(self, worker: WorkerHandle, pending: PendingCall) -> Any:
+        try:
+            result = await pending.future
+        except asyncio.CancelledError:
+            worker.cancel(pending)
+            raise
+        except CorralError as exc:
+            self._calls_failed[type(exc).__name__] += 1
+            raise
+        self._calls_ok += 1
+        return result
+
+    def stream(
+        self,
+        method: str,
+        /,
+        *args: Any,
+        session: str | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> CallStream:
+        """Iterate over what a generator handler yields: ``async for x in pool.stream(...)``.
+
+        Breaking out of the loop (or ``aclose()``) stops the handler in the worker.
+        """
+        return CallStream(self, None, method, args, kwargs, session, self._deadline(timeout))
+
+    def checkout(self, *, session: str | None = None, timeout: float | None = None) -> _Checkout:
+        """Lease one worker for the length of an ``async with`` block.
+
+        No other call uses that worker until the block ends. ``timeout`` bounds
+        only the wait for a worker (PoolTimeout). On exit a failed worker is
+        evicted; a call still in flight is cancelled in the worker.
+        """
+        return _Checkout(self, session, timeout)
+
+    async def close_session(self, session: str) -> None:
+        """Drop a session's state in its worker; the next call starts it afresh."""
+        self._lost_sessions.pop(session, None)
+        worker = self._sessions.pop(session, None)
+        if worker is not None:
+            worker.end_session(session)
+
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool's workers, waiters, sessions and counters."""
+        counts = collections.Counter(w.state for w in self._workers)
+        return PoolStats(
+            size=self.config.size,
+            starting=counts[WorkerState.STARTING],
+            idle=counts[WorkerState.READY],
+            busy=counts[WorkerState.BUSY],
+            draining=counts[WorkerState.DRAINING],
+            stopping=counts[WorkerState.STOPPING],
+            leased=sum(w.leased for w in self._workers),
+            inflight=sum(w.inflight for w in self._workers),
+            waiting=len(self._queues),
+            sessions=len(self._sessions),
+            restarts=self._restarts,
+            failed_starts=self._failed_starts,
+            failed=self._failed is not None and not any(w.state.accepting for w in self._workers),
+            closed=self._state in ("closing", "closed"),
+            calls_ok=self._calls_ok,
+            calls_failed=dict(self._calls_failed),
+        )
+
+    async def wait_ready(self, count: int | None = None, *, timeout: float | None = None) -> None:
+        """Wait until ``count`` workers (default: ``size``) are ready to take calls.
+
+        Raises PoolTimeout past ``timeout``, PoolClosed if the pool closes, and
+        PoolFailed if it fails while waiting.
+        """
+        want = self.config.size if count is None else count
+
+        def ready() -> bool:
+            self._check_open()
+            live = sum(w.state.accepting for w in self._workers)
+            if self._failed is not None and live == 0:
+                raise self._pool_failed()
+            return live >= want
+
+        if not await self._wait_until(ready, timeout):
+            live = sum(w.state.accepting for w in self._workers)
+            raise PoolTimeout(f"{live} of {want} workers ready after {timeout}s")
+
+    async def _wait_until(self, condition: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait, woken by every change of the pool, until ``condition()``; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not condition():
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            watcher = loop.create_future()
+            self._watchers.append(watcher)
+            try:
+                await asyncio.wait_for(watcher, remaining)
+            except TimeoutError:
+                return condition()
+        return True
+
+    @property
+    def workers(self) -> tuple[WorkerHandle, ...]:
+        """The live worker handles (read-only view, for inspection)."""
+        return tuple(self._workers)
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = self._state if self._state != "open" else ""
+        if s.failed:
+            state = "failed"
+        return (
+            f"<corral.Pool {self.name} {self.target!r}{' ' + state if state else ''} "
+            f"[{s.idle} idle, {s.busy} busy, {s.starting} starting | {s.waiting} waiting | "
+            f"{s.sessions} sessions]>"
+        )
+
+    # --- placement and waiting ------------------------------------------------------
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        if timeout is None:
+            timeout = self.config.call_timeout
+        if timeout is None:
+            return None
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout!r}")
+        return asyncio.get_running_loop().time() + timeout
+
+    def _check_fork(self) -> None:
+        if self._fork_generation != _fork_generation:
+            raise CorralError(
+                f"pool {self.name} was created in process before a fork(); a forked child "
+                "cannot use it (its pipes belong to the parent). Create the pool in the child."
+            )
+
+    def _check_open(self) -> None:
+        self._check_fork()
+        if self._state != "open":
+            raise PoolClosed(
+                f"pool {self.name} is {'not started' if self._state == 'new' else self._state}"
+            )
+
+    def _place(self, session: str | None, exclusive: bool) -> WorkerHandle | None:
+        """Which worker takes this request now, or None to wait (router rules 1-4)."""
+        if session is None:
+            return _router.pick_for_call(self._workers, exclusive)
+        home = self._sessions.get(session)
+        if home is None:
+            why = self._lost_sessions.pop(session, None)
+            if why is not None:
+                raise SessionLost(f"session {session!r} is lost: {why}", session=session)
+            home = _router.pick_session_home(self._workers)
+            if home is None:
+                return None
+            self._sessions[session] = home
+            home.sessions.add(session)
+        return home if _router.can_take(home, exclusive) else None
+
+    async def _acquire(
+        self, session: str | None, exclusive: bool, deadline: float | None, method: str | None
+    ) -> WorkerHandle:
+        """Wait for a worker and claim a slot on it (the whole worker if exclusive)."""
+        self._check_open()
+        queues = self._queues
+        if not queues.has_waiters_like(session, exclusive):
+            worker = self._place(session, exclusive)
+            if worker is not None:
+                worker.reserve(exclusive)
+                return worker
+        if self._failed is not None and not any(w.state.accepting for w in self._workers):
+            raise self._pool_failed()
+        if self.config.max_waiting is not None and len(queues) >= self.config.max_waiting:
+            raise PoolOverloaded(
+                f"pool {self.name} has {len(queues)} callers waiting "
+                f"(max_waiting={self.config.max_waiting})",
+                method=method,
+                session=session,
+            )
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), session, exclusive, method)
+        queues.add(waiter)
+        self._dispatch()
+        timer = None
+        if deadline is not None and not waiter.future.done():
+            timer = loop.call_at(deadline, self._waiter_expired, waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().give_back(exclusive)  # granted, but the caller is gone
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not waiter.future.done():
+                waiter.future.cancel()
+            queues.discard(waiter)
+            if exclusive and not queues.exclusive:
+                self._dispatch()  # a claim held for this caller may be released
+
+    def _waiter_expired(self, waiter: _Waiter) -> None:
+        if waiter.future.done():
+            return
+        if waiter.method is None:
+            error: CorralError = PoolTimeout(
+                "no worker became free within the checkout timeout", session=waiter.session
+            )
+        else:
+            error = CallTimeout(
+                f"call {waiter.method!r} ran past its deadline while waiting for a worker",
+                method=waiter.method,
+                session=waiter.session,
+            )
+        waiter.future.set_exception(error)
+
+    def _grant(self, waiter: _Waiter, worker: WorkerHandle) -> None:
+        worker.reserve(waiter.exclusive)
+        waiter.future.set_result(worker)
+
+    def _dispatch(self, _worker: WorkerHandle | None = None) -> None:
+        """Hand free capacity to waiters. Synchronous; called on every capacity change.
+
+        Session waiters first (each can only use its own worker), then checkouts
+        (which need an idle worker: if none is, one worker is claimed and takes
+        no new calls until it drains, so checkouts cannot starve), then plain
+        calls, oldest first.
+        """
+        queues = self._queues
+        workers = self._workers
+        if queues.sessions:
+            for waiter in list(queues.sessions):
+                if waiter.future.done():
+                    queues.discard(waiter)
+                    continue
+                try:
+                    worker = self._place(waiter.session, waiter.exclusive)
+                except CorralError as exc:
+                    queues.discard(waiter)
+                    waiter.future.set_exception(exc)
+                    continue
+                if worker is not None:
+                    queues.discard(waiter)
+                    self._grant(waiter, worker)
+        exclusive = queues.exclusive
+        while exclusive:
+            waiter = exclusive[0]
+            if not waiter.future.done():
+                worker = _router.pick_for_call(workers, exclusive=True)
+                if worker is None:
+                    break
+                self._set_claim(None)
+                self._grant(waiter, worker)
+            exclusive.popleft().queued = False
+        if not exclusive:
+            self._set_claim(None)
+        elif self._claimed is None or not _router.can_claim(self._claimed):
+            self._set_claim(_router.pick_claim(workers))
+        plain = queues.plain
+        while plain:
+            waiter = plain[0]
+            if not waiter.future.done():
+                worker = _router.pick_for_call(workers)
+                if worker is None:
+                    break
+                self._grant(waiter, worker)
+            plain.popleft().queued = False
+        if self._idle_event is not None and not any(w.inflight for w in workers):
+            self._idle_event.set()
+        if self._watchers:
+            watchers, self._watchers = self._watchers, []
+            for watcher in watchers:
+                if not watcher.done():
+                    watcher.set_result(None)
+
+    def _set_claim(self, worker: WorkerHandle | None) -> None:
+        current = self._claimed
+        if current is worker:
+            return
+        if current is not None:
+            current.claimed = False
+        if worker is not None and worker.state.accepting:
+            worker.claimed = True
+            self._claimed = worker
+        else:
+            self._claimed = None
+
+    def _pool_failed(self) -> PoolFailed:
+        cause = self._failed or self._last_start_error
+        return PoolFailed(
+            f"pool {self.name} is failed: workers keep failing to start "
+            f"({len(self._start_failures)} failed starts in {self.config.restart_window}s); "
+            f"last: {cause.message if cause else 'unknown'}",
+            exit_code=cause.exit_code if cause else None,
+            stderr_tail=cause.stderr_tail if cause else None,
+        )
+
+    # --- supervision ------------------------------------------------------------------
+
+    def _new_worker(self) -> WorkerHandle:
+        worker_id = f"{self.name}-w{next(self._worker_numbers)}"
+        spec = WorkerSpec(
+            worker_id=worker_id,
+            target=self.target,
+            python=self.config.python,
+            env=self.config.env,
+            cwd=self.config.cwd,
+            max_message_size=self.config.max_message_size,
+        )
+        worker = WorkerHandle(
+            spec,
+            self._launcher,
+            max_concurrency=self.config.max_concurrency,
+            cancel_grace=self.config.cancel_grace,
+            on_capacity=self._dispatch,
+            on_exit=self._worker_exited,
+            pool_name=self.name,
+        )
+        self._workers.append(worker)
+        return worker
+
+    def _spawn_task(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"corral:{self.name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_failed(self, worker: WorkerHandle, error: BaseException) -> None:
+        if worker in self._workers:
+            self._workers.remove(worker)
+        now = time.monotonic()
+        self._failed_starts += 1
+        self._consecutive_failures += 1
+        self._start_failures.append(now)
+        while self._start_failures and self._start_failures[0] < now - self.config.restart_window:
+            self._start_failures.popleft()
+        if not isinstance(error, WorkerStartError):
+            error = WorkerStartError(f"worker {worker.id} failed to start: {error!r}", worker_id=worker.id)
+        self._last_start_error = error
+        self._log.warning("worker.start_failed", worker_id=worker.id, error=error.message)
+        if len(self._start_failures) > self.config.max_restarts and self._failed is None:
+            self._failed = error
+            self._log.error("pool.failed", failed_starts=len(self._start_failures))
+        if self._failed is not None and not any(w.state.accepting for w in self._workers):
+            self._queues.fail_all(self._pool_failed())
+        if self._wake_supervisor is not None:
+            self._wake_supervisor.set()
+        self._dispatch()
+
+    def _worker_exited(self, worker: WorkerHandle) -> None:
+        if worker in self._workers:
+            self._workers.remove(worker)
+        why = worker.kill_reason or f"its worker {worker.id} died ({worker.exit_code})"
+        for session in worker.sessions:
+            if self._sessions.get(session) is worker:
+                del self._sessions[session]
+                if session not in worker.sessions_reported_lost:
+                    self._lost_sessions[session] = why
+        while len(self._lost_sessions) > _LOST_SESSIONS_KEPT:
+            del self._lost_sessions[next(iter(self._lost_sessions))]
+        if self._state == "open":
+            self._recent_deaths.append(time.monotonic())
+            if self._wake_supervisor is not None:
+                self._wake_supervisor.set()
+        self._dispatch()
+
+    def _backoff(self) -> float:
+        """Seconds to wait before the next start: grows while starts fail or deaths come fast."""
+        cfg = self.config
+        now = time.monotonic()
+        while self._recent_deaths and self._recent_deaths[0] < now - 1.0:
+            self._recent_deaths.popleft()
+        exponent = self._consecutive_failures
+        if len(self._recent_deaths) > cfg.size:  # a crash storm: slow down replacements
+            exponent = max(exponent, len(self._recent_deaths) - cfg.size)
+        if exponent == 0:
+            return 0.0
+        return float(min(cfg.restart_backoff_max, cfg.restart_backoff * 2 ** (exponent - 1)))
+
+    async def _supervise(self) -> None:
+        """Keep `size` workers, replace the dead with backoff, and send heartbeats."""
+        assert self._wake_supervisor is not None
+        wake = self._wake_supervisor
+        cfg = self.config
+        next_beat = time.monotonic() + cfg.heartbeat_interval
+        while self._state == "open":
+            missing = cfg.size - len(self._workers)
+            if missing > 0:
+                delay = self._backoff()
+                if delay:
+                    await asyncio.sleep(delay)
+                    if self._state != "open":
+                        return
+                    missing = cfg.size - len(self._workers)
+                for _ in range(max(0, missing)):
+                    self._restarts += 1
+                    self._spawn_task(self._replace(self._new_worker()), "start")
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeat(now)
+                next_beat = now + cfg.heartbeat_interval
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), max(0.0, next_beat - time.monotonic()))
+            except TimeoutError:
+                pass
+
+    async def _replace(self, worker: WorkerHandle) -> None:
+        try:
+            await worker.start(self.config.startup_timeout)
+        except (WorkerStartError, OSError) as exc:
+            self._start_failed(worker, exc)
+            return
+        self._consecutive_failures = 0
+        if self._failed is not None:
+            self._log.info("pool.recovered", worker_id=worker.id)
+            self._failed = None
+        self._dispatch()
+
+    def _heartbeat(self, now: float) -> None:
+        timeout = self.config.heartbeat_timeout
+        for worker in list(self._workers):
+            if not worker.state.accepting:
+                continue
+            silent = worker.silent_for(now)
+            if silent > timeout:
+                worker.kill(f"missed heartbeats: no answer to a ping for {silent:.1f}s (hung?)")
+            else:
+                worker.ping()
+
+
+class WorkerLease:
+    """One worker held exclusively inside ``async with pool.checkout()``."""
+
+    def __init__(self, pool: Pool, worker: WorkerHandle, session: str | None) -> None:
+        self._pool = pool
+        self._worker = worker
+        self.session = session
+        self._pending: set[PendingCall] = set()
+        self._active = True
+
+    @property
+    def id(self) -> str:
+        return self._worker.id
+
+    @property
+    def pid(self) -> int | None:
+        return self._worker.pid
+
+    @property
+    def failed(self) -> bool:
+        """True once the worker died, broke the protocol or is being evicted."""
+        return not self._worker.state.accepting or self._worker.kill_reason is not None
+
+    def _check(self, method: str) -> None:
+        if not self._active:
+            raise PoolClosed(f"the checkout of worker {self.id} has ended", method=method)
+        self._pool._check_open()
+
+    async def call(self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run a call on this worker (in the checkout's session, if it has one)."""
+        self._check(method)
+        worker = self._worker
+        pending = worker.send_call(
+            method,
+            args,
+            kwargs,
+            session=self.session,
+            deadline=self._pool._deadline(timeout),
+            reserved=False,
+        )
+        self._pending.add(pending)
+        try:
+            return await self._pool._await_result(worker, pending)
+        finally:
+            self._pending.discard(pending)
+
+    def stream(self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> CallStream:
+        self._check(method)
+        return CallStream(
+            self._pool, self, method, args, kwargs, self.session, self._pool._deadline(timeout)
+        )
+
+    def _release(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        worker = self._worker
+        for pending in list(self._pending):
+            worker.cancel(
+                pending,
+                PoolClosed(
+                    f"the checkout of worker {self.id} ended while {pending.method!r} was in flight",
+                    worker_id=self.id,
+                    pid=self.pid,
+                    method=pending.method,
+                    call_id=pending.id,
+                ),
+            )
+        self._pending.clear()
+        worker.release_lease()
+
+    def __repr__(self) -> str:
+        return f"<corral.WorkerLease {self.id} pid={self.pid}{' released' if not self._active else ''}>"
+
+
+class _Checkout:
+    """The async context manager returned by ``Pool.checkout()``."""
+
+    def __init__(self, pool: Pool, session: str | None, timeout: float | None) -> None:
+        self._pool = pool
+        self._session = session
+        self._timeout = timeout
+        self._lease: WorkerLease | None = None
+
+    async def __aenter__(self) -> WorkerLease:
+        pool = self._pool
+        deadline = None
+        if self._timeout is not None:
+            deadline = asyncio.get_running_loop().time() + self._timeout
+        worker = await pool._acquire(self._session, True, deadline, None)
+        self._lease = WorkerLease(pool, worker, self._session)
+        return self._lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Synchronous on purpose: nothing here awaits, so cancellation cannot
+        # interrupt it and no exit path leaks the worker.
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease._release()
+
+
+class CallStream:
+    """``async for item in pool.stream(...)``; ``aclose()`` (or break) stops it."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        lease: WorkerLease | None,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        session: str | None,
+        deadline: float | None,
+    ) -> None:
+        self._pool = pool
+        self._lease = lease
+        self._method = method
+        self._args = args
+        self._kwargs = dict(kwargs)
+        self._session = session
+        self._deadline = deadline
+        self._worker: WorkerHandle | None = None
+        self._pending: PendingCall | None = None
+        self._done = False
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        pending = self._pending
+        if pending is None:
+            pending = await self._begin()
+        worker = self._worker
+        assert worker is not None
+        try:
+            item = await pending.next_item()
+        except asyncio.CancelledError:
+            self._stop()
+            raise
+        except CorralError as exc:
+            self._done = True
+            self._pool._calls_failed[type(exc).__name__] += 1
+            raise
+        if item is _END:
+            self._done = True
+            self._pool._calls_ok += 1
+            raise StopAsyncIteration
+        if pending.taken * 2 >= pending.stream_window:
+            worker.grant_credit(pending)
+        return item
+
+    async def _begin(self) -> PendingCall:
+        pool = self._pool
+        window = pool.config.stream_window
+        if self._lease is not None:
+            self._lease._check(self._method)
+            worker = self._lease._worker
+            reserved = False
+        else:
+            worker = await pool._acquire(self._session, False, self._deadline, self._method)
+            reserved = True
+        self._worker = worker
+        try:
+            self._pending = worker.send_call(
+                self._method,
+                self._args,
+                self._kwargs,
+                session=self._session,
+                deadline=self._deadline,
+                stream_window=window,
+                reserved=reserved,
+            )
+        except CorralError:
+            self._done = True
+            raise
+        if self._lease is not None:
+            self._lease._pending.add(self._pending)
+        return self._pending
+
+    def _stop(self) -> None:
+        self._done = True
+        pending, worker = self._pending, self._worker
+        if pending is not None and worker is not None:
+            worker.cancel(pending)
+            if self._lease is not None:
+                self._lease._pending.discard(pending)
+
+    async def aclose(self) -> None:
+        """Stop the stream; the handler is cancelled in the worker if still running."""
+        self._stop()
+
+    async def __aenter__(self) -> CallStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop()
+
+    def __del__(self) -> None:
+        if not self._done and self._pending is not None and self._worker is not None:
+            try:
+                self._stop()
+            except RuntimeError:  # the loop is already closed: the worker is gone too
+                pass
+

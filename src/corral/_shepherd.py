@@ -1,0 +1,126 @@
+"""The shepherd: a tiny process that starts one worker and makes sure it dies.
+
+Run as ``python -I -S _shepherd.py LIFELINE_FD -- WORKER_ARGV...`` by the local
+launcher, as the leader of a new session. It imports nothing from corral and
+runs no user code, so it always answers, even when the worker's main thread is
+stuck in C code holding the GIL.
+
+Owns: the worker's process group and its end. It
+- starts the worker in a process group of its own (fd 1 pointed at fd 2);
+- on lifeline EOF (the pool's process died: the kernel closed its end) kills the
+  worker's whole group with SIGKILL;
+- on SIGTERM forwards SIGTERM to the group; on SIGUSR1 kills the group;
+- when the worker ends, kills what is left of the group (grandchildren) before
+  reaping the worker, so the group id cannot be reused under it;
+- then ends the same way the worker did (same exit code, or same signal), so the
+  pool reads the worker's exit status from its own child.
+
+Must not touch: the protocol descriptors (it passes them on and closes its own
+copies) or anything else of corral's; it must stay importable with ``-I -S``.
+"""
+
+import os
+import select
+import signal
+import sys
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _mirror(status: int) -> None:
+    """End this process the way the worker ended."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        except (ImportError, OSError, ValueError):
+            pass
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+            except (OSError, ValueError):
+                pass
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default action is not to terminate
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 4 or argv[2] != "--":
+        sys.stderr.write("usage: _shepherd.py LIFELINE_FD -- WORKER_ARGV...\n")
+        os._exit(2)
+    lifeline = int(argv[1])
+    command = argv[3:]
+    os.set_inheritable(lifeline, False)
+
+    worker_pid = 0
+
+    def forward(sig: int, _frame: object) -> None:
+        if worker_pid:
+            _kill_group(worker_pid, signal.SIGKILL if sig == signal.SIGUSR1 else sig)
+
+    handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+    for sig in handled:
+        signal.signal(sig, forward)
+    try:
+        worker_pid = os.posix_spawnp(
+            command[0],
+            command,
+            os.environ,
+            file_actions=[(os.POSIX_SPAWN_DUP2, 2, 1)],
+            setpgroup=0,
+            setsigdef=handled,
+        )
+    except OSError as exc:
+        sys.stderr.write(f"corral shepherd: cannot start worker {command[0]!r}: {exc}\n")
+        os._exit(127)
+
+    try:
+        watch = os.pidfd_open(worker_pid)
+    except (AttributeError, OSError):
+        watch = -1
+
+    while True:
+        ready = []
+        try:
+            waiting = [lifeline] if watch < 0 else [lifeline, watch]
+            ready, _, _ = select.select(waiting, [], [], 0.05 if watch < 0 else None)
+        except InterruptedError:
+            continue
+        if lifeline in ready:
+            # The pool is gone: nothing may outlive it.
+            _kill_group(worker_pid, signal.SIGKILL)
+            break
+        if watch < 0:
+            try:
+                info = os.waitid(os.P_PID, worker_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                break
+            if info is not None:
+                break
+        elif watch in ready:
+            break
+    # The worker has ended (a zombie still owns its pid and group id) or is being
+    # killed: clear out its group, then reap it.
+    _kill_group(worker_pid, signal.SIGKILL)
+    while True:
+        try:
+            _, status = os.waitpid(worker_pid, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            os._exit(0)
+    _mirror(status)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,110 @@
+"""Entry point of a worker process: ``python -m corral.worker MODULE:ATTR``.
+
+Owns: the process-level set-up before any user code runs: the protocol
+descriptors (private, never inherited by the worker's own children), fd 1
+pointed at stderr so ``print()`` never reaches the wire, death with the parent,
+the parent's ``sys.path``, then importing the target and serving it. Must not
+touch: what happens per call (``_runtime``).
+
+Exit codes: 0 clean shutdown, 2 bad command line, 3 the target cannot be
+imported or is not an App, 4 an ``on_startup`` hook failed, 5 an
+``on_shutdown`` hook failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import importlib
+import json
+import os
+import signal
+import sys
+import traceback
+
+from .._framing import DEFAULT_MAX_MESSAGE_SIZE
+from ._app import App
+
+SYS_PATH_ENV = "CORRAL_SYS_PATH"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Backup for the shepherd: the kernel kills us if our parent dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent is already gone
+        os._exit(1)
+
+
+def _isolate_stdout(protocol_fds: tuple[int, int]) -> None:
+    """Point fd 1 at stderr so nothing written to stdout can corrupt the wire."""
+    for fd in protocol_fds:
+        os.set_inheritable(fd, False)
+    if 1 not in protocol_fds:
+        os.dup2(2, 1)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)
+
+
+def load_target(spec: str) -> App:
+    """Import ``MODULE:ATTR`` and return the App it names."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"target must look like 'package.module:app', got {spec!r}")
+    target: object = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    if callable(target) and not isinstance(target, App):
+        target = target()  # a factory
+    if not isinstance(target, App):
+        raise TypeError(f"{spec!r} is {type(target).__qualname__}, not a corral.worker.App")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m corral.worker")
+    parser.add_argument("target", help="MODULE:ATTR naming a corral.worker.App")
+    parser.add_argument("--fds", default="0,1", help="READ,WRITE protocol descriptors")
+    parser.add_argument("--worker-id", default=f"w{os.getpid()}")
+    parser.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE)
+    args = parser.parse_args(argv)
+    read_fd, write_fd = (int(x) for x in args.fds.split(","))
+
+    parent_path = os.environ.pop(SYS_PATH_ENV, None)
+    if parent_path is not None:
+        sys.path[:] = json.loads(parent_path)
+    if (read_fd, write_fd) != (0, 1):
+        _isolate_stdout((read_fd, write_fd))
+    else:  # stdin/stdout as the wire (run by hand): keep the wire, move stdout
+        write_fd = os.dup(1)
+        read_fd = os.dup(0)
+        _isolate_stdout((read_fd, write_fd))
+    _die_with_parent()
+
+    try:
+        app = load_target(args.target)
+    except BaseException:  # noqa: BLE001 - any import-time failure, shown to the pool
+        sys.stderr.write(f"corral worker: cannot load {args.target!r}\n")
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(3)
+
+    from ._runtime import serve
+
+    code = asyncio.run(serve(app, args.worker_id, read_fd, write_fd, args.max_message_size))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

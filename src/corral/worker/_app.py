@@ -1,0 +1,201 @@
+"""The worker-side registry: ``App`` holds handlers and lifecycle hooks; ``Context``.
+
+Owns: how user functions are registered, classified (sync, async, sync or async
+generator) and described. Must not touch: the wire, the event loop or the
+process; the runtime reads what is registered here.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+__all__ = ["App", "Context", "Handler", "HandlerKind"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Context:
+    """What a handler that declares a ``ctx`` parameter receives.
+
+    ``session`` is a dict that lives in this worker as long as the session does
+    (None outside a session). ``cancelled`` turns true once the caller cancelled
+    or the deadline passed, so a long sync handler can stop early; an async
+    handler is cancelled for real.
+    """
+
+    __slots__ = (
+        "_cancel_event",
+        "_cancelled",
+        "call_id",
+        "deadline",
+        "method",
+        "session",
+        "session_id",
+        "worker_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        call_id: int,
+        method: str,
+        worker_id: str,
+        session_id: str | None,
+        session: dict[str, Any] | None,
+        deadline: float | None,
+    ) -> None:
+        self.call_id = call_id
+        self.method = method
+        self.worker_id = worker_id
+        self.session_id = session_id
+        self.session = session
+        self.deadline = deadline  # time.monotonic() value, or None
+        self._cancelled = False
+        self._cancel_event: threading.Event | None = None  # made on first wait
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the call was cancelled or its deadline passed."""
+        return self._cancelled
+
+    def _cancel(self) -> None:
+        self._cancelled = True
+        event = self._cancel_event
+        if event is not None:
+            event.set()
+
+    def time_left(self) -> float | None:
+        """Seconds until the call's deadline, or None when it has none."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Block (a sync handler) until cancelled or ``timeout``; True if cancelled."""
+        if self._cancel_event is None:
+            self._cancel_event = threading.Event()
+            if self._cancelled:
+                self._cancel_event.set()
+        return self._cancel_event.wait(timeout)
+
+    def __repr__(self) -> str:
+        return (
+            f"<corral.worker.Context call={self.call_id} method={self.method!r} "
+            f"session={self.session_id!r} worker={self.worker_id}"
+            f"{' cancelled' if self.cancelled else ''}>"
+        )
+
+
+class HandlerKind(enum.Enum):
+    SYNC = "sync"
+    ASYNC = "async"
+    SYNC_GEN = "sync generator"
+    ASYNC_GEN = "async generator"
+
+    @property
+    def streams(self) -> bool:
+        return self in (HandlerKind.SYNC_GEN, HandlerKind.ASYNC_GEN)
+
+
+def _kind_of(fn: Callable[..., Any]) -> HandlerKind:
+    if inspect.isasyncgenfunction(fn):
+        return HandlerKind.ASYNC_GEN
+    if inspect.isgeneratorfunction(fn):
+        return HandlerKind.SYNC_GEN
+    if inspect.iscoroutinefunction(fn):
+        return HandlerKind.ASYNC
+    call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects
+    if call is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn):
+        return _kind_of(call)
+    return HandlerKind.SYNC
+
+
+def _wants_context(fn: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    parameter = parameters.get("ctx")
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.KEYWORD_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+
+
+class Handler:
+    """One registered function and what the runtime needs to know about it."""
+
+    __slots__ = ("fn", "kind", "name", "wants_context")
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        self.name = name
+        self.fn = fn
+        self.kind = _kind_of(fn)
+        self.wants_context = _wants_context(fn)
+
+    def __repr__(self) -> str:
+        return f"<corral.worker.Handler {self.name!r} {self.kind.value}>"
+
+
+class App:
+    """The handlers and hooks one worker process serves.
+
+    >>> app = App()
+    >>> @app.handler
+    ... def add(a, b): return a + b
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+        self.handlers: dict[str, Handler] = {}
+        self.startup_hooks: list[Callable[[], Any]] = []
+        self.shutdown_hooks: list[Callable[[], Any]] = []
+        self.session_end_hooks: list[Callable[[str, dict[str, Any]], Any]] = []
+
+    @overload
+    def handler(self, name_or_fn: F, /) -> F: ...
+
+    @overload
+    def handler(self, name_or_fn: str | None = None, /) -> Callable[[F], F]: ...
+
+    def handler(self, name_or_fn: str | F | None = None, /) -> F | Callable[[F], F]:
+        """Register a handler under its function name, or under an explicit name."""
+        if callable(name_or_fn):
+            return self._register(name_or_fn.__name__, name_or_fn)
+        explicit = name_or_fn
+
+        def decorate(fn: F) -> F:
+            return self._register(explicit or fn.__name__, fn)
+
+        return decorate
+
+    def _register(self, name: str, fn: F) -> F:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"handler name must be a non-empty string, got {name!r}")
+        if name in self.handlers:
+            raise ValueError(f"a handler named {name!r} is already registered")
+        self.handlers[name] = Handler(name, fn)
+        return fn
+
+    def on_startup(self, fn: F) -> F:
+        """Run once per worker before it reports ready; may be async."""
+        self.startup_hooks.append(fn)
+        return fn
+
+    def on_shutdown(self, fn: F) -> F:
+        """Run once when the worker stops gracefully; may be async."""
+        self.shutdown_hooks.append(fn)
+        return fn
+
+    def on_session_end(self, fn: F) -> F:
+        """Run with ``(session_id, state)`` when a session is closed; may be async."""
+        self.session_end_hooks.append(fn)
+        return fn
+
+    def __repr__(self) -> str:
+        return f"<corral.worker.App {self.name or ''} handlers={sorted(self.handlers)}>"

@@ -1,0 +1,129 @@
+"""The worker app of API.md's examples, plus handlers that misbehave on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from corral.worker import App, Context
+
+app = App()
+
+
+@app.handler
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@app.handler("math.mul")
+def mul(a, b):
+    return a * b
+
+
+@app.handler
+async def fetch(url: str) -> bytes:
+    await asyncio.sleep(0)
+    return url.encode()
+
+
+@app.handler
+async def count(n: int):
+    for i in range(n):
+        yield i
+
+
+@app.handler
+def remember(key, value, *, ctx: Context):
+    ctx.session[key] = value
+
+
+@app.handler
+def recall(key, *, ctx: Context):
+    return ctx.session.get(key)
+
+
+@app.handler
+def whoami(*, ctx: Context) -> dict:
+    return {"pid": os.getpid(), "worker_id": ctx.worker_id, "session": ctx.session_id}
+
+
+@app.handler
+def echo(value):
+    return value
+
+
+@app.handler
+def fail(message: str):
+    raise ValueError(message)
+
+
+@app.handler
+def exit_now(code: int = 1):
+    os._exit(code)
+
+
+@app.handler
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@app.handler
+async def async_sleep(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+@app.handler
+def noisy(text: str) -> str:
+    print(text)
+    print("x" * 10_000)
+    os.write(1, b"raw bytes on fd 1\n")
+    os.write(1, b"\x00\x00\x00\x05hello")  # looks like a frame header
+    return text
+
+
+@app.handler
+def unencodable():
+    return object()
+
+
+@app.handler
+def cooperative_wait(seconds: float, *, ctx: Context) -> bool:
+    """Sleeps until cancelled or the time passes; returns whether it was cancelled."""
+    return ctx.wait_cancelled(seconds)
+
+
+@app.handler
+def pid() -> int:
+    return os.getpid()
+
+
+startup_calls = 0
+
+
+@app.on_startup
+def _startup() -> None:
+    global startup_calls
+    startup_calls += 1
+
+
+@app.handler
+def startups() -> int:
+    return startup_calls
+
+
+@app.handler
+def make_bytes(n: int) -> bytes:
+    return b"y" * n
+
+
+@app.handler
+def write_garbage_to_wire() -> None:
+    """Writes a frame that is not valid MessagePack straight onto the protocol pipe."""
+    import sys
+
+    write_fd = int(sys.argv[sys.argv.index("--fds") + 1].split(",")[1])
+    os.write(write_fd, b"\x00\x00\x00\x03abc")
+    time.sleep(5)
