@@ -162,6 +162,7 @@ class WorkerHandle:
         on_capacity: Callable[[WorkerHandle], None],
         on_exit: Callable[[WorkerHandle], None],
         pool_name: str,
+        on_output: Callable[[WorkerHandle], None] | None = None,
     ) -> None:
         self.spec = spec
         self.id = spec.worker_id
@@ -170,6 +171,7 @@ class WorkerHandle:
         self._launcher = launcher
         self._on_capacity = on_capacity
         self._on_exit = on_exit
+        self._on_output = on_output
         self._loop = asyncio.get_running_loop()
         self.state = WorkerState.STARTING
         self.pid: int | None = None  # the worker's own pid, from its Hello
@@ -545,6 +547,8 @@ class WorkerHandle:
             line = raw[:_STDERR_LINE_MAX].decode(errors="replace").rstrip("\r")
             self._stderr_tail.append(line)
             self._log.info("worker.stderr", line=line)
+        if lines and self._on_output is not None:
+            self._on_output(self)
 
     def stderr_closed(self) -> None:
         if self._stderr_partial:
@@ -623,6 +627,12 @@ class WorkerHandle:
         if self._launched is not None and not self._exited.is_set():
             self._launched.kill()
         self._on_capacity(self)
+
+    def abandon(self) -> None:
+        """Last resort when the pool is garbage: kill the group, await nothing."""
+        launched = self._launched
+        if launched is not None and not self._exited.is_set():
+            launched.kill()
 
     async def wait_exited(self, timeout: float | None = None) -> bool:
         if self._exited.is_set():

@@ -183,6 +183,12 @@ class _LocalWorker:
         self.connection.close()
         self._transport.close()
 
+    def __del__(self) -> None:
+        # Forgotten without close(): closing the lifeline makes the shepherd kill
+        # the worker's group, so even a leaked pool leaves no process running.
+        if self._lifeline >= 0:
+            self._close_lifeline()
+
 
 class LocalLauncher:
     """Starts each worker as a local subprocess under its own shepherd."""

@@ -18,6 +18,7 @@ import collections
 import itertools
 import os
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -216,11 +217,11 @@ class Pool:
             self._state = "closed"
             return
         if self._close_task is None:
+            self._state = "closing"  # refuse new calls from this moment on
             self._close_task = asyncio.get_running_loop().create_task(self._close())
         await asyncio.shield(self._close_task)
 
     async def _close(self) -> None:
-        self._state = "closing"
         self._log.info("pool.closing")
         self._queues.fail_all(PoolClosed(f"pool {self.name} is closing"))
         self._dispatch()  # wakes wait_ready() callers, which now see the pool closing
@@ -535,10 +536,14 @@ class Pool:
         if self._idle_event is not None and not any(w.inflight for w in workers):
             self._idle_event.set()
         if self._watchers:
-            watchers, self._watchers = self._watchers, []
-            for watcher in watchers:
-                if not watcher.done():
-                    watcher.set_result(None)
+            self._wake_watchers()
+
+    def _wake_watchers(self, _worker: WorkerHandle | None = None) -> None:
+        """Wake every ``_wait_until`` so it checks its condition again."""
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
 
     def _set_claim(self, worker: WorkerHandle | None) -> None:
         current = self._claimed
@@ -581,6 +586,7 @@ class Pool:
             cancel_grace=self.config.cancel_grace,
             on_capacity=self._dispatch,
             on_exit=self._worker_exited,
+            on_output=self._wake_watchers,
             pool_name=self.name,
         )
         self._workers.append(worker)
@@ -646,6 +652,25 @@ class Pool:
 
     async def _supervise(self) -> None:
         """Keep `size` workers, replace the dead with backoff, and send heartbeats."""
+        try:
+            await self._supervise_forever()
+        except asyncio.CancelledError:
+            if self._state == "open":
+                # Cancelled from outside while open: the event loop is being torn
+                # down (asyncio.run ending) and aclose() was never called. Kill
+                # every worker now, since nothing will run after this.
+                warnings.warn(
+                    f"{self!r} was never closed; its workers were killed as the event "
+                    "loop shut down. Use `async with Pool(...)` or `await pool.aclose()`.",
+                    ResourceWarning,
+                    stacklevel=1,
+                )
+                self._state = "closed"
+                for worker in self._workers:
+                    worker.abandon()
+            raise
+
+    async def _supervise_forever(self) -> None:
         assert self._wake_supervisor is not None
         wake = self._wake_supervisor
         cfg = self.config

@@ -127,3 +127,80 @@ def write_garbage_to_wire() -> None:
     write_fd = int(sys.argv[sys.argv.index("--fds") + 1].split(",")[1])
     os.write(write_fd, b"\x00\x00\x00\x03abc")
     time.sleep(5)
+
+
+@app.handler
+def noisy_then_sleep(text: str, seconds: float) -> None:
+    import sys
+
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+    time.sleep(seconds)
+
+
+@app.handler
+def spawn_grandchild() -> int:
+    """Starts a long-lived child that inherits stdout/stderr; returns its pid."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])
+    return child.pid
+
+
+@app.handler
+def environ(names: list[str]) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in names}
+
+
+def make_app() -> App:
+    return app
+
+
+@app.handler
+def hold_the_gil() -> bool:
+    """A catastrophic regular expression: C code that holds the GIL for a very long time."""
+    import re
+    import sys
+
+    sys.stderr.write("holding the GIL now\n")
+    sys.stderr.flush()
+    return re.match(r"(a+)+$", "a" * 40 + "b") is not None
+
+
+@app.handler
+async def async_echo_after(value, seconds: float):
+    await asyncio.sleep(seconds)
+    return value
+
+
+@app.handler
+async def count_forever():
+    i = 0
+    while True:
+        yield i
+        i += 1
+        await asyncio.sleep(0)
+
+
+_produced = 0
+
+
+@app.handler
+async def count_and_report(n: int):
+    global _produced
+    _produced = 0
+    for i in range(n):
+        _produced += 1
+        yield i
+
+
+@app.handler
+async def produced() -> int:
+    return _produced
+
+
+@app.handler
+async def ignore_sigterm() -> None:  # async: signal handlers belong to the main thread
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -296,8 +296,10 @@ class WorkerRuntime:
                 running.credit_event.set()
 
     def _finish(self, running: _Running) -> None:
+        """The call is over: say so once (CancelAck if it was cancelled)."""
         call_id = running.call.id
-        self._running.pop(call_id, None)
+        if self._running.pop(call_id, None) is None:
+            return
         if running.timer is not None:
             running.timer.cancel()
         if running.cancel_requested:
@@ -313,8 +315,12 @@ class WorkerRuntime:
         job = running.job
         if job is not None and not job.cancel():
             return  # running on the lane: it ends when the handler returns
-        if running.task is not None:
-            running.task.cancel()
+        task = running.task
+        if task is not None:
+            task.cancel()
+            # A task cancelled before its first step never runs its body (nor its
+            # finally): finish it from here in that case.
+            task.add_done_callback(lambda _: self._finish(running))
 
     def _cancel(self, call_id: int) -> None:
         running = self._running.get(call_id)

@@ -1,0 +1,57 @@
+"""Development sessions: ``nox`` runs tests, lint and typecheck; ``nox -s demo`` runs the demo.
+
+Each session builds its own virtualenv (the standard library's ``venv``) under
+``.nox/``. ``nox -s tests -- -k session`` passes everything after ``--`` to pytest.
+
+The test session runs once per supported Python. nox finds interpreters on PATH
+(``python3.12``...) and through version managers; a pyenv version is only usable
+when it is active, e.g. ``pyenv global 3.11.7 3.12.1 3.13.0`` (or ``pyenv local``
+in this directory): an inactive one's shim exits with an error. A version nox
+cannot find is first downloaded if nox can (with uv, or nox's ``pbs`` extra;
+``--download-python never`` turns that off), otherwise skipped, or an error with
+``--error-on-missing-interpreters`` (the default when the CI variable is set).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint", "typecheck"]
+
+ROOT = Path(__file__).parent
+PYTHON = "3.11"
+SUPPORTED_PYTHONS = ["3.11", "3.12", "3.13"]
+LINT_PATHS = ["src", "tests", "benchmarks", "noxfile.py"]
+
+
+@nox.session(python=SUPPORTED_PYTHONS)
+def tests(session: nox.Session) -> None:
+    """The test suite, on each supported Python."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting (checked, not rewritten)."""
+    session.install("ruff")
+    paths = [path for path in LINT_PATHS if (ROOT / path).exists()]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package."""
+    session.install("-e", ".", "mypy", "psutil", "pytest", "hypothesis")
+    session.run("mypy", "--strict", "src/corral")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Run ``corral demo`` from a fresh install."""
+    session.install("-e", ".")
+    session.run("corral", "demo")

@@ -1,0 +1,112 @@
+"""The suite's leak check (tests/conftest.py) fails tests that leave things behind.
+
+Each case runs an inner pytest session, in a subprocess, with a copy of the
+suite's conftest: a test that leaves a child process running, one that leaves a
+file open, and a clean one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytest_plugins = ["pytester"]
+
+CONFTEST = Path(__file__).with_name("conftest.py")
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(CONFTEST.read_text())
+    return pytester
+
+
+def _run(pytester: pytest.Pytester) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-q", "-o", "asyncio_default_fixture_loop_scope=function"
+    )
+
+
+def test_leaked_child_process_fails_and_is_killed(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import subprocess
+        from pathlib import Path
+
+        def test_leaves_a_sleeper():
+            proc = subprocess.Popen(["sleep", "30"])
+            Path("leaked.pid").write_text(str(proc.pid))
+            # neither waited for nor killed
+        """
+    )
+    result = _run(inner)
+    pid = int((inner.path / "leaked.pid").read_text())
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*child process(es) still running after the test (now killed)*",
+            f"*leaked pid {pid}: sleep 30*",
+        ]
+    )
+    # The fixture killed and reaped it: the pid no longer names a sleep.
+    try:
+        survivor = psutil.Process(pid)
+        assert survivor.status() == psutil.STATUS_ZOMBIE or "sleep" not in survivor.cmdline()
+    except psutil.NoSuchProcess:
+        pass
+
+
+def test_leaked_file_descriptor_fails(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        from pathlib import Path
+
+        KEPT = []
+
+        def test_leaves_a_file_open():
+            path = Path("left-open.txt")
+            path.write_text("x")
+            KEPT.append(open(path))  # kept reachable: gc cannot close it
+        """
+    )
+    result = _run(inner)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*open file descriptors grew from * to *",
+            "*leaked fd * -> */left-open.txt*",
+        ]
+    )
+
+
+def test_clean_test_passes(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import subprocess
+
+        def test_cleans_up():
+            with open(__file__) as f:
+                f.read()
+            subprocess.run(["true"], check=True)
+        """
+    )
+    result = _run(inner)
+    result.assert_outcomes(passed=1)
+
+
+def test_allow_leaks_marker_skips_the_check(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        """
+        import pytest
+
+        KEPT = []
+
+        @pytest.mark.allow_leaks
+        def test_keeps_a_file_open_on_purpose():
+            KEPT.append(open(__file__))
+        """
+    )
+    result = _run(inner)
+    result.assert_outcomes(passed=1)

@@ -1,0 +1,98 @@
+"""aclose(): refuse new work, drain, then Shutdown, SIGTERM, SIGKILL; bounded and idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import corral
+from corral import Pool
+
+TARGET = "tests.workers.basic:app"
+
+
+async def test_calls_in_flight_finish_during_close() -> None:
+    pool = Pool(TARGET, size=1)
+    await pool.start()
+    call = asyncio.ensure_future(pool.call("async_sleep", 0.3))
+    await asyncio.sleep(0)
+    await pool.aclose()
+    assert await call == 0.3
+
+
+async def test_new_calls_are_refused_while_closing() -> None:
+    pool = Pool(TARGET, size=1)
+    await pool.start()
+    call = asyncio.ensure_future(pool.call("async_sleep", 0.3))
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(pool.aclose())
+    await asyncio.sleep(0)
+    with pytest.raises(corral.PoolClosed):
+        await pool.call("add", 1, 1)
+    await closing
+    assert await call == 0.3
+
+
+async def test_waiters_are_told_the_pool_closed() -> None:
+    pool = Pool(TARGET, size=1)
+    await pool.start()
+    async with pool.checkout():
+        waiter = asyncio.ensure_future(pool.call("add", 1, 1))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(pool.aclose())
+        with pytest.raises(corral.PoolClosed):
+            await waiter
+    await closing
+
+
+async def test_close_is_bounded_with_a_stuck_worker() -> None:
+    pool = Pool(TARGET, size=1, drain_timeout=0.2, shutdown_grace=0.2, kill_grace=0.2)
+    await pool.start()
+    stuck = asyncio.ensure_future(pool.call("hold_the_gil"))
+    assert await pool._wait_until(lambda: "holding the GIL" in pool.workers[0].stderr_tail, 5)
+    started = time.monotonic()
+    await pool.aclose()
+    assert time.monotonic() - started < 0.2 + 0.2 + 0.2 + 1.0
+    with pytest.raises(corral.PoolClosed):
+        await stuck
+
+
+async def test_a_worker_ignoring_sigterm_is_killed() -> None:
+    pool = Pool(TARGET, size=1, drain_timeout=0.1, shutdown_grace=0.1, kill_grace=0.3)
+    await pool.start()
+    await pool.call("ignore_sigterm")
+    stuck = asyncio.ensure_future(pool.call("sleep", 60))
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await pool.aclose()
+    assert time.monotonic() - started < 0.1 + 0.1 + 0.3 + 1.0
+    with pytest.raises(corral.PoolClosed):
+        await stuck
+
+
+async def test_aclose_is_idempotent_and_safe_from_several_tasks() -> None:
+    pool = Pool(TARGET, size=2)
+    await pool.start()
+    await asyncio.gather(pool.aclose(), pool.aclose(), pool.aclose())
+    await pool.aclose()
+    assert pool.stats().closed
+    assert pool.workers == ()
+
+
+async def test_closing_a_pool_that_never_started_is_a_no_op() -> None:
+    await Pool(TARGET, size=1).aclose()
+
+
+async def test_a_pool_cannot_be_started_twice() -> None:
+    async with Pool(TARGET, size=1) as pool:
+        with pytest.raises(corral.PoolClosed, match="already started"):
+            await pool.start()
+
+
+async def test_on_shutdown_hooks_run_on_close(tmp_path) -> None:
+    marker = tmp_path / "shut-down"
+    async with Pool("tests.workers.hooks:app", size=1, env={"CORRAL_TEST_MARKER": str(marker)}):
+        pass
+    assert marker.read_text() == "bye"
