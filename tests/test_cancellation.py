@@ -117,3 +117,14 @@ async def test_a_stream_is_flow_controlled() -> None:
         items = [0] + [x async for x in stream]
         assert items == list(range(100))
         assert await pool.call("produced") == 100
+
+
+async def test_closing_a_sync_stream_that_is_out_of_credit_keeps_the_worker() -> None:
+    async with Pool(TARGET, size=1, stream_window=1, cancel_grace=2.0) as pool:
+        pid = await pool.call("pid")
+        stream = pool.stream("slow_words", 50, 0.2)
+        assert await stream.__anext__() == "word0"
+        await stream.aclose()
+        await pool.wait_idle(timeout=5)
+        assert await pool.call("pid") == pid
+        assert pool.stats().restarts == 0

@@ -351,6 +351,14 @@ class Pool:
             live = sum(w.state.accepting for w in self._workers)
             raise PoolTimeout(f"{live} of {want} workers ready after {timeout}s")
 
+    async def wait_idle(self, *, timeout: float | None = None) -> None:
+        """Wait until no call is in flight (cancelled calls acknowledged included).
+
+        Raises PoolTimeout past ``timeout``.
+        """
+        if not await self._wait_until(lambda: not any(w.inflight for w in self._workers), timeout):
+            raise PoolTimeout(f"calls still in flight after {timeout}s")
+
     async def _wait_until(self, condition: Callable[[], bool], timeout: float | None) -> bool:
         """Wait, woken by every change of the pool, until ``condition()``; False on timeout."""
         loop = asyncio.get_running_loop()

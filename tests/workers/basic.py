@@ -204,3 +204,11 @@ async def ignore_sigterm() -> None:  # async: signal handlers belong to the main
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@app.handler
+def slow_words(n: int, seconds: float):
+    """A sync generator whose every step takes a while."""
+    for i in range(n):
+        time.sleep(seconds)
+        yield f"word{i}"

@@ -281,6 +281,8 @@ class WorkerRuntime:
         """Send one stream item, waiting for credit first. False if it could not be sent."""
         if running.call.window:
             while running.credit <= 0:
+                if running.stop_reason is not None:
+                    raise asyncio.CancelledError  # no credit will come for a stopped call
                 if running.credit_event is None:
                     running.credit_event = asyncio.Event()
                 running.credit_event.clear()
@@ -312,6 +314,8 @@ class WorkerRuntime:
         if running.stop_reason is None:
             running.stop_reason = reason
         running.ctx._cancel()
+        if running.credit_event is not None:
+            running.credit_event.set()  # a stream waiting for credit sees the stop
         job = running.job
         if job is not None and not job.cancel():
             return  # running on the lane: it ends when the handler returns
