@@ -141,6 +141,5 @@ async def test_a_released_lease_refuses_calls() -> None:
 
 
 async def test_streams_inside_a_checkout() -> None:
-    async with Pool(TARGET, size=1) as pool:
-        async with pool.checkout() as worker:
-            assert [x async for x in worker.stream("count", 3)] == [0, 1, 2]
+    async with Pool(TARGET, size=1) as pool, pool.checkout() as worker:
+        assert [x async for x in worker.stream("count", 3)] == [0, 1, 2]

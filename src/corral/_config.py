@@ -70,7 +70,9 @@ class PoolConfig:
         if not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"size must be a positive int, got {self.size!r}")
         if not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be a positive int, got {self.max_concurrency!r}")
+            raise ValueError(
+                f"max_concurrency must be a positive int, got {self.max_concurrency!r}"
+            )
         if not 0 < self.max_message_size <= MAX_POSSIBLE_SIZE:
             raise ValueError(f"max_message_size must be in 1..{MAX_POSSIBLE_SIZE}")
         if self.max_waiting is not None and self.max_waiting < 0:
@@ -104,6 +106,6 @@ class PoolConfig:
         for name, f in defaults.items():
             value = getattr(self, name)
             default = f.default if f.default is not dataclasses.MISSING else None
-            if name == "size" or value != default and not (name == "env" and not value):
+            if name == "size" or (value != default and not (name == "env" and not value)):
                 shown.append(f"{name}={value!r}")
         return f"PoolConfig({', '.join(shown)})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -81,7 +82,7 @@ async def run_demo(size: int = 2, out: TextIO = sys.stdout) -> dict[str, Any]:
         total = 0
         for batch in range(10):
             results = await asyncio.gather(
-                *(rec.time(lambda i=i: pool.call("square", i)) for i in range(200))
+                *(rec.time(functools.partial(pool.call, "square", i)) for i in range(200))
             )
             total += sum(results)
             screen.progress(f"{(batch + 1) * 200:>5} / 2000 calls")
@@ -89,7 +90,7 @@ async def run_demo(size: int = 2, out: TextIO = sys.stdout) -> dict[str, Any]:
 
         screen.step("CPU work spread over the workers")
         hashes = await asyncio.gather(
-            *(rec.time(lambda i=i: pool.call("digest", bytes([i]) * 64)) for i in range(40))
+            *(rec.time(functools.partial(pool.call, "digest", bytes([i]) * 64)) for i in range(40))
         )
         screen.line(f"40 digests, first {hashes[0]}")
 
@@ -98,7 +99,7 @@ async def run_demo(size: int = 2, out: TextIO = sys.stdout) -> dict[str, Any]:
         for turn in range(5):
             for user in range(6):
                 reply = await rec.time(
-                    lambda u=user, t=turn: pool.call("chat", f"turn {t}", session=f"user-{u}")
+                    functools.partial(pool.call, "chat", f"turn {turn}", session=f"user-{user}")
                 )
                 homes[f"user-{user}"] = reply["worker"]
             screen.progress(f"turn {turn + 1}/5")
@@ -118,7 +119,8 @@ async def run_demo(size: int = 2, out: TextIO = sys.stdout) -> dict[str, Any]:
 
         screen.step("a worker killed mid-call (SIGKILL) while other calls run")
         bystanders = [
-            asyncio.ensure_future(rec.time(lambda i=i: pool.call("square", i))) for i in range(50)
+            asyncio.ensure_future(rec.time(functools.partial(pool.call, "square", i)))
+            for i in range(50)
         ]
         crash_started = time.perf_counter()
         try:
@@ -142,7 +144,9 @@ async def run_demo(size: int = 2, out: TextIO = sys.stdout) -> dict[str, Any]:
         lost = 0
         for user in range(6):
             try:
-                await rec.time(lambda u=user: pool.call("chat", "hello again", session=f"user-{u}"))
+                await rec.time(
+                    functools.partial(pool.call, "chat", "hello again", session=f"user-{user}")
+                )
             except corral.SessionLost:
                 lost += 1
         screen.line(f"{lost} of 6 sessions lived on the killed worker: told SessionLost once")

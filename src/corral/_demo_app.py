@@ -11,6 +11,7 @@ import hashlib
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 
 from corral.worker import App, Context
 
@@ -22,7 +23,12 @@ _model: dict[str, int] = {}
 @app.on_startup
 def load_model() -> None:
     """Stands for loading a model once per worker."""
-    _model.update({word: len(word) for word in "the quick brown fox jumps over the lazy dog".split()})
+    _model.update(
+        {
+            word: len(word)
+            for word in ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
+        }
+    )
 
 
 @app.handler
@@ -49,7 +55,7 @@ def chat(message: str, *, ctx: Context) -> dict[str, object]:
 
 
 @app.handler
-async def tokens(text: str, delay: float = 0.02):
+async def tokens(text: str, delay: float = 0.02) -> AsyncIterator[str]:
     """Streams a reply one word at a time, as a language model would."""
     for word in text.split():
         await asyncio.sleep(delay)

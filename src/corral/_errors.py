@@ -133,9 +133,7 @@ class RemoteError(CorralError):
     formatted traceback as seen in the worker.
     """
 
-    def __init__(
-        self, message: str, *, type: str, traceback: str = "", **context: Any
-    ) -> None:
+    def __init__(self, message: str, *, type: str, traceback: str = "", **context: Any) -> None:
         super().__init__(message, **context)
         self.type = type
         self.traceback = traceback

@@ -125,8 +125,7 @@ class FrameDecoder(Generic[T]):
                     raise ProtocolError("empty frame (length 0)")
                 if size > self.max_size:
                     raise ProtocolError(
-                        f"frame of {size} bytes announced, over the limit of "
-                        f"{self.max_size} bytes"
+                        f"frame of {size} bytes announced, over the limit of {self.max_size} bytes"
                     )
                 end = offset + HEADER_SIZE + size
                 if end > available:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -98,9 +99,7 @@ class PendingCall:
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.grace_timer: asyncio.TimerHandle | None = None
         self.stream_window = stream_window
-        self._items: collections.deque[Any] | None = (
-            collections.deque() if stream_window else None
-        )
+        self._items: collections.deque[Any] | None = collections.deque() if stream_window else None
         self._waiter: asyncio.Future[None] | None = None
         self.taken = 0
 
@@ -245,8 +244,12 @@ class WorkerHandle:
         self._log = self._log.bind(shepherd_pid=self._launched.pid)
         exited = asyncio.ensure_future(self._exited.wait())
         try:
+            waiting: set[asyncio.Future[Hello] | asyncio.Future[Literal[True]]] = {
+                self._hello,
+                exited,
+            }
             done, _ = await asyncio.wait(
-                {self._hello, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         except BaseException:
             exited.cancel()
@@ -357,7 +360,16 @@ class WorkerHandle:
             timeout = deadline - self._loop.time()
         try:
             self._launched.connection.send(
-                Call(call_id, method, args, kwargs, session, timeout, stream_window > 0, stream_window)
+                Call(
+                    call_id,
+                    method,
+                    args,
+                    kwargs,
+                    session,
+                    timeout,
+                    stream_window > 0,
+                    stream_window,
+                )
             )
         except (EncodeError, PayloadTooLarge) as exc:
             self._refresh_busy()
@@ -527,9 +539,11 @@ class WorkerHandle:
             if error.worker_id is None:
                 error.worker_id, error.pid = self.id, self.pid
             self._log.error("worker.protocol_error", error=error.message)
-            self._fail_pending(lambda p: ProtocolError(
-                f"worker broke the protocol: {error.message}", **self._error_context(p)
-            ))
+            self._fail_pending(
+                lambda p: ProtocolError(
+                    f"worker broke the protocol: {error.message}", **self._error_context(p)
+                )
+            )
             self.kill(f"protocol error: {error.message}")
         elif not self._exited.is_set():
             # The worker closed its end of the wire: it is on its way out. Its exit
@@ -560,10 +574,8 @@ class WorkerHandle:
         self._loop.create_task(self._finalize_exit())
 
     async def _wait_stderr_tail(self) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stderr_done.wait(), _EXIT_TAIL_WAIT)
-        except TimeoutError:
-            pass
 
     async def _finalize_exit(self) -> None:
         await self._wait_stderr_tail()

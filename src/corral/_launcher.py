@@ -11,6 +11,7 @@ cluster) offers the same ``Launcher``/``LaunchedWorker`` surface.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -157,10 +158,8 @@ class _LocalWorker:
     def _signal(self, sig: int) -> None:
         # Only while the shepherd has not been reaped: its pid is still ours.
         if self._transport.get_returncode() is None and not self._transport.is_closing():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, sig)
-            except ProcessLookupError:
-                pass
 
     def terminate(self) -> None:
         self._signal(signal.SIGTERM)

@@ -43,10 +43,14 @@ class _Msg(msgspec.Struct, frozen=True, array_like=True, tag_field="t", gc=False
     """Base: a frozen, array-encoded, integer-tagged message."""
 
 
+# Each message repeats ``frozen=True``: msgspec inherits it at runtime anyway, but
+# type checkers read Struct through ``dataclass_transform``, which does not.
+
+
 # --- worker -> parent -------------------------------------------------------
 
 
-class Hello(_Msg, tag=1):
+class Hello(_Msg, tag=1, frozen=True):
     """First frame a worker sends, once its ``on_startup`` hooks have run."""
 
     protocol: int
@@ -55,14 +59,14 @@ class Hello(_Msg, tag=1):
     handlers: list[str]
 
 
-class Result(_Msg, tag=3):
+class Result(_Msg, tag=3, frozen=True):
     """The return value of a call; ends that call."""
 
     id: int
     value: Any
 
 
-class Error(_Msg, tag=4):
+class Error(_Msg, tag=4, frozen=True):
     """A call failed in the worker; ends that call. ``kind`` is one of ErrorKind."""
 
     id: int
@@ -72,26 +76,26 @@ class Error(_Msg, tag=4):
     traceback: str = ""
 
 
-class Chunk(_Msg, tag=5):
+class Chunk(_Msg, tag=5, frozen=True):
     """One item yielded by a streaming handler."""
 
     id: int
     value: Any
 
 
-class End(_Msg, tag=6):
+class End(_Msg, tag=6, frozen=True):
     """A stream finished normally; ends that call."""
 
     id: int
 
 
-class CancelAck(_Msg, tag=8):
+class CancelAck(_Msg, tag=8, frozen=True):
     """The worker has stopped the call named by a Cancel; always the last frame of it."""
 
     id: int
 
 
-class Pong(_Msg, tag=10):
+class Pong(_Msg, tag=10, frozen=True):
     """Answer to a Ping, with the same sequence number."""
 
     seq: int
@@ -100,7 +104,7 @@ class Pong(_Msg, tag=10):
 # --- parent -> worker -------------------------------------------------------
 
 
-class Call(_Msg, tag=2):
+class Call(_Msg, tag=2, frozen=True):
     """Run ``method(*args, **kwargs)``. ``timeout`` is the time left, in seconds.
 
     ``stream`` asks for Chunk/End frames; ``window`` is the number of chunks the
@@ -117,29 +121,29 @@ class Call(_Msg, tag=2):
     window: int = 0
 
 
-class Cancel(_Msg, tag=7):
+class Cancel(_Msg, tag=7, frozen=True):
     """Stop the call with this id; the worker answers with CancelAck."""
 
     id: int
 
 
-class Ping(_Msg, tag=9):
+class Ping(_Msg, tag=9, frozen=True):
     """Liveness probe; the worker answers with Pong at once, even while busy."""
 
     seq: int
 
 
-class EndSession(_Msg, tag=11):
+class EndSession(_Msg, tag=11, frozen=True):
     """Drop the state of a session."""
 
     session: str
 
 
-class Shutdown(_Msg, tag=12):
+class Shutdown(_Msg, tag=12, frozen=True):
     """Finish the calls in flight, run ``on_shutdown`` hooks, then exit."""
 
 
-class Credit(_Msg, tag=13):
+class Credit(_Msg, tag=13, frozen=True):
     """The consumer took ``n`` more chunks of stream ``id``: the worker may send more."""
 
     id: int

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import os
 import time
@@ -61,7 +62,11 @@ class _Waiter:
     __slots__ = ("exclusive", "future", "method", "queued", "session")
 
     def __init__(
-        self, future: asyncio.Future[WorkerHandle], session: str | None, exclusive: bool, method: str | None
+        self,
+        future: asyncio.Future[WorkerHandle],
+        session: str | None,
+        exclusive: bool,
+        method: str | None,
     ) -> None:
         self.future = future
         self.session = session
@@ -133,7 +138,9 @@ class Pool:
         if not isinstance(target, str) or ":" not in target:
             raise ValueError(f"target must look like 'package.module:app', got {target!r}")
         self.target = target
-        self.config = (config or PoolConfig()).replace(**options) if options else (config or PoolConfig())
+        self.config = (
+            (config or PoolConfig()).replace(**options) if options else (config or PoolConfig())
+        )
         self.name = name or f"pool{next(_pool_numbers)}"
         self._launcher: Launcher = launcher or LocalLauncher()
         self._log = structlog.get_logger("corral").bind(pool=self.name)
@@ -616,7 +623,9 @@ class Pool:
         while self._start_failures and self._start_failures[0] < now - self.config.restart_window:
             self._start_failures.popleft()
         if not isinstance(error, WorkerStartError):
-            error = WorkerStartError(f"worker {worker.id} failed to start: {error!r}", worker_id=worker.id)
+            error = WorkerStartError(
+                f"worker {worker.id} failed to start: {error!r}", worker_id=worker.id
+            )
         self._last_start_error = error
         self._log.warning("worker.start_failed", worker_id=worker.id, error=error.message)
         if len(self._start_failures) > self.config.max_restarts and self._failed is None:
@@ -700,10 +709,8 @@ class Pool:
                 self._heartbeat(now)
                 next_beat = now + cfg.heartbeat_interval
             wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), max(0.0, next_beat - time.monotonic()))
-            except TimeoutError:
-                pass
 
     async def _replace(self, worker: WorkerHandle) -> None:
         try:
@@ -757,7 +764,9 @@ class WorkerLease:
             raise PoolClosed(f"the checkout of worker {self.id} has ended", method=method)
         self._pool._check_open()
 
-    async def call(self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+    async def call(
+        self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> Any:
         """Run a call on this worker (in the checkout's session, if it has one)."""
         self._check(method)
         worker = self._worker
@@ -775,7 +784,9 @@ class WorkerLease:
         finally:
             self._pending.discard(pending)
 
-    def stream(self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> CallStream:
+    def stream(
+        self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> CallStream:
         self._check(method)
         return CallStream(
             self._pool, self, method, args, kwargs, self.session, self._pool._deadline(timeout)
@@ -790,7 +801,8 @@ class WorkerLease:
             worker.cancel(
                 pending,
                 PoolClosed(
-                    f"the checkout of worker {self.id} ended while {pending.method!r} was in flight",
+                    f"the checkout of worker {self.id} ended while {pending.method!r} "
+                    "was in flight",
                     worker_id=self.id,
                     pid=self.pid,
                     method=pending.method,
@@ -801,7 +813,8 @@ class WorkerLease:
         worker.release_lease()
 
     def __repr__(self) -> str:
-        return f"<corral.WorkerLease {self.id} pid={self.pid}{' released' if not self._active else ''}>"
+        released = " released" if not self._active else ""
+        return f"<corral.WorkerLease {self.id} pid={self.pid}{released}>"
 
 
 class _Checkout:
@@ -935,8 +948,6 @@ class CallStream:
 
     def __del__(self) -> None:
         if not self._done and self._pending is not None and self._worker is not None:
-            try:
+            # RuntimeError: the loop is already closed: the worker is gone too.
+            with contextlib.suppress(RuntimeError):
                 self._stop()
-            except RuntimeError:  # the loop is already closed: the worker is gone too
-                pass
-

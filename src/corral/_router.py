@@ -86,7 +86,6 @@ def pick_claim(workers: Iterable[W]) -> W | None:
     """Rule 5: the worker to drain for a waiting checkout (None if none is accepting)."""
     best: W | None = None
     for worker in workers:
-        if can_claim(worker):
-            if best is None or worker.inflight < best.inflight:
-                best = worker
+        if can_claim(worker) and (best is None or worker.inflight < best.inflight):
+            best = worker
     return best

@@ -26,7 +26,7 @@ import sys
 
 
 def _kill_group(pgid: int, sig: int) -> None:
-    try:
+    try:  # noqa: SIM105 - contextlib would pull collections, functools into the shepherd
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
         watch = -1
 
     while True:
-        ready = []
+        ready: list[int] = []
         try:
             waiting = [lifeline] if watch < 0 else [lifeline, watch]
             ready, _, _ = select.select(waiting, [], [], 0.05 if watch < 0 else None)

@@ -160,4 +160,3 @@ async def open_pipe_connection(
         write_file.close()
         raise
     return PipeConnection(loop, reader, writer, encoder)
-

@@ -174,7 +174,11 @@ class WorkerRuntime:
         if handler is None:
             known = sorted(self.app.handlers)
             listed = ", ".join(repr(n) for n in known[:_NOT_FOUND_LISTED])
-            more = f" and {len(known) - _NOT_FOUND_LISTED} more" if len(known) > _NOT_FOUND_LISTED else ""
+            more = (
+                f" and {len(known) - _NOT_FOUND_LISTED} more"
+                if len(known) > _NOT_FOUND_LISTED
+                else ""
+            )
             self._send(
                 Error(
                     call.id,
@@ -198,7 +202,14 @@ class WorkerRuntime:
         deadline = None
         if call.timeout is not None:
             if call.timeout <= 0:
-                self._send(Error(call.id, ErrorKind.TIMEOUT, "TimeoutError", "deadline passed before the call started"))
+                self._send(
+                    Error(
+                        call.id,
+                        ErrorKind.TIMEOUT,
+                        "TimeoutError",
+                        "deadline passed before the call started",
+                    )
+                )
                 return
             deadline = time.monotonic() + call.timeout
         session = None
@@ -258,7 +269,9 @@ class WorkerRuntime:
                 raise  # not ours: the worker's loop is going away
             if running.stop_reason == "deadline" and not running.cancel_requested:
                 self._send(
-                    Error(call.id, ErrorKind.TIMEOUT, "TimeoutError", "deadline passed in the worker")
+                    Error(
+                        call.id, ErrorKind.TIMEOUT, "TimeoutError", "deadline passed in the worker"
+                    )
                 )
         except Exception as exc:  # noqa: BLE001 - the handler's failure is the caller's RemoteError
             if not running.cancel_requested:
@@ -266,7 +279,9 @@ class WorkerRuntime:
         finally:
             self._finish(running)
 
-    async def _on_lane(self, running: _Running, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def _on_lane(
+        self, running: _Running, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
         """Run ``fn`` on the sync lane; a cancel before it starts means it never runs."""
         if running.stop_reason is not None:
             raise asyncio.CancelledError
@@ -372,7 +387,9 @@ class WorkerRuntime:
         self._lane.shutdown(wait=False, cancel_futures=True)
 
 
-async def serve(app: App, worker_id: str, read_fd: int, write_fd: int, max_message_size: int) -> int:
+async def serve(
+    app: App, worker_id: str, read_fd: int, write_fd: int, max_message_size: int
+) -> int:
     """Run the worker until told to stop; returns the process exit code."""
     log = structlog.get_logger("corral.worker").bind(worker_id=worker_id, pid=os.getpid())
     runtime = WorkerRuntime(app, worker_id)
@@ -388,7 +405,7 @@ async def serve(app: App, worker_id: str, read_fd: int, write_fd: int, max_messa
     try:
         try:
             await run_hooks(app.startup_hooks)
-        except Exception:  # noqa: BLE001 - reported on stderr; the pool turns it into WorkerStartError
+        except Exception:  # reported on stderr; the pool turns it into WorkerStartError
             log.exception("worker.startup_failed")
             return 4
         connection.send(Hello(PROTOCOL_VERSION, os.getpid(), worker_id, sorted(app.handlers)))
@@ -397,7 +414,7 @@ async def serve(app: App, worker_id: str, read_fd: int, write_fd: int, max_messa
         await runtime.stop(graceful=graceful)
         try:
             await run_hooks(app.shutdown_hooks)
-        except Exception:  # noqa: BLE001 - reported on stderr; the worker still exits
+        except Exception:  # reported on stderr; the worker still exits
             log.exception("worker.shutdown_hook_failed")
             exit_code = 5
     finally:

@@ -1,0 +1,272 @@
+"""Benchmark corral against the floor and the usual alternatives, in one run.
+
+    python -m benchmarks.run            # full run: medians of 5 repeats
+    python -m benchmarks.run --quick    # smoke test: small counts, 1 repeat
+
+Every system runs the same task functions (benchmarks/tasks.py) with 2 worker
+processes. Figures are printed with their ratio to the floor (benchmarks/floor.py)
+measured in the same run: ratios hold on a noisy machine, absolute times do not.
+Sequential latency is measured with this process and its workers pinned to one
+CPU (children inherit the affinity), which makes runs comparable here; the
+throughput figures use every CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks import tasks
+from benchmarks.floor import FloorPool
+
+WORKERS = 2
+MIB = 1024 * 1024
+
+Call = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class Counts:
+    latency_calls: int
+    throughput_calls: int
+    cpu_calls: int
+    echo_calls: int
+    repeats: int
+
+
+FULL = Counts(latency_calls=3000, throughput_calls=30000, cpu_calls=2000, echo_calls=40, repeats=5)
+QUICK = Counts(latency_calls=200, throughput_calls=2000, cpu_calls=100, echo_calls=4, repeats=1)
+
+
+# --- systems: each yields an async call(method, *args) -------------------------
+
+
+@contextlib.asynccontextmanager
+async def floor_system() -> AsyncIterator[Call]:
+    async with FloorPool(WORKERS) as pool:
+        yield pool.call
+
+
+@contextlib.asynccontextmanager
+async def corral_system(session: bool = False) -> AsyncIterator[Call]:
+    import corral
+
+    async with corral.Pool("benchmarks.corral_app:app", size=WORKERS) as pool:
+        yield pool.call
+
+
+@contextlib.asynccontextmanager
+async def executor_system() -> AsyncIterator[Call]:
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(WORKERS) as executor:
+        await asyncio.gather(*(loop.run_in_executor(executor, tasks.noop) for _ in range(WORKERS)))
+
+        async def call(method: str, *args: Any) -> Any:
+            return await loop.run_in_executor(executor, tasks.TASKS[method], *args)
+
+        yield call
+
+
+@contextlib.asynccontextmanager
+async def anyio_system() -> AsyncIterator[Call]:
+    import anyio
+    import anyio.to_process
+
+    limiter = anyio.CapacityLimiter(WORKERS)
+
+    async def call(method: str, *args: Any) -> Any:
+        return await anyio.to_process.run_sync(tasks.TASKS[method], *args, limiter=limiter)
+
+    await asyncio.gather(*(call("noop") for _ in range(WORKERS)))
+    yield call
+
+
+@contextlib.asynccontextmanager
+async def pebble_system() -> AsyncIterator[Call]:
+    import pebble
+
+    pool = pebble.ProcessPool(max_workers=WORKERS)
+    try:
+
+        async def call(method: str, *args: Any) -> Any:
+            return await asyncio.wrap_future(pool.schedule(tasks.TASKS[method], args))
+
+        await asyncio.gather(*(call("noop") for _ in range(WORKERS)))
+        yield call
+    finally:
+        pool.close()
+        pool.join()
+
+
+# --- figures ---------------------------------------------------------------------
+
+
+async def sequential_latency(call: Call, n: int) -> tuple[float, float]:
+    for _ in range(min(200, n)):
+        await call("noop")
+    samples = []
+    clock = time.perf_counter
+    for _ in range(n):
+        started = clock()
+        await call("noop")
+        samples.append(clock() - started)
+    samples.sort()
+    return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+
+
+async def throughput(call: Call, method: str, n: int, in_flight: int = 64, *args: Any) -> float:
+    remaining = n
+
+    async def caller() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call(method, *args)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(in_flight)))
+    return n / (time.perf_counter() - started)
+
+
+async def echo_rate(call: Call, size: int, n: int) -> float:
+    payload = os.urandom(size)
+    await call("echo", payload)
+    started = time.perf_counter()
+    for _ in range(n):
+        result = await call("echo", payload)
+        assert len(result) == size
+    return size * n / MIB / (time.perf_counter() - started)
+
+
+def _pin(cpus: set[int] | None) -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus or set(range(os.cpu_count() or 1)))
+
+
+SYSTEMS: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Call]]] = {
+    "floor": floor_system,
+    "corral": corral_system,
+    "ProcessPoolExecutor": executor_system,
+    "anyio.to_process": anyio_system,
+    "pebble": pebble_system,
+}
+
+
+async def measure(name: str, counts: Counts) -> dict[str, float]:
+    factory = SYSTEMS[name]
+    figures: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        figures.setdefault(key, []).append(value)
+
+    for _ in range(counts.repeats):
+        _pin({0})
+        async with factory() as call:
+            p50, p99 = await sequential_latency(call, counts.latency_calls)
+        add("latency p50 (µs)", p50 * 1e6)
+        add("latency p99 (µs)", p99 * 1e6)
+        _pin(None)
+        async with factory() as call:
+            add("no-op calls/s, 64 in flight", await throughput(call, "noop", counts.throughput_calls))
+            add("1 ms CPU tasks/s, 64 in flight", await throughput(call, "cpu_1ms", counts.cpu_calls))
+            add("echo 1 MiB (MiB/s)", await echo_rate(call, MIB, counts.echo_calls))
+    return {key: statistics.median(values) for key, values in figures.items()}
+
+
+async def corral_extras(counts: Counts) -> dict[str, float]:
+    """Figures only corral has: sessions versus plain calls, cold start."""
+    import corral
+
+    results: dict[str, list[float]] = {}
+    for _ in range(counts.repeats):
+        async with corral.Pool("benchmarks.corral_app:app", size=WORKERS) as pool:
+            plain = await throughput(pool.call, "session_noop", counts.throughput_calls)
+            session_ids = iter(range(10**9))
+
+            async def session_call(
+                method: str, *args: Any, pool: corral.Pool = pool, ids: Any = session_ids
+            ) -> Any:
+                return await pool.call(method, *args, session=f"s{next(ids) % 64}")
+
+            with_sessions = await throughput(session_call, "session_noop", counts.throughput_calls)
+        results.setdefault("session calls / plain calls", []).append(with_sessions / plain)
+        started = time.perf_counter()
+        async with corral.Pool("benchmarks.corral_app:app", size=4) as pool:
+            await asyncio.gather(*(pool.call("noop") for _ in range(4)))
+            results.setdefault("cold start, pool of 4 (ms)", []).append(
+                (time.perf_counter() - started) * 1000
+            )
+    return {key: statistics.median(values) for key, values in results.items()}
+
+
+def _format(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
+
+
+def print_table(results: dict[str, dict[str, float]], out: Any = sys.stdout) -> None:
+    systems = list(results)
+    keys = list(results["floor"])
+    floor = results["floor"]
+    head = f"{'figure':<32}" + "".join(f"{s:>24}" for s in systems)
+    out.write(head + "\n" + "-" * len(head) + "\n")
+    for key in keys:
+        row = f"{key:<32}"
+        for system in systems:
+            value = results[system].get(key)
+            if value is None:
+                row += f"{'-':>24}"
+                continue
+            ratio = value / floor[key] if floor.get(key) else float("nan")
+            row += f"{_format(value) + f' ({ratio:.2f}x)':>24}"
+        out.write(row + "\n")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    counts = QUICK if args.quick else FULL
+    names = [n for n in SYSTEMS if n in args.systems] if args.systems else list(SYSTEMS)
+    if "floor" not in names:
+        names.insert(0, "floor")
+    results: dict[str, dict[str, float]] = {}
+    for name in names:
+        sys.stderr.write(f"measuring {name} ...\n")
+        results[name] = await measure(name, counts)
+    if "corral" in names:
+        sys.stderr.write("measuring corral sessions and cold start ...\n")
+        extras = await corral_extras(counts)
+        sys.stdout.write("\n")
+    print_table(results)
+    if "corral" in names:
+        for key, value in extras.items():
+            sys.stdout.write(f"corral {key}: {_format(value)}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, one repeat")
+    parser.add_argument("--uvloop", action="store_true", help="run the parent on uvloop")
+    parser.add_argument("--systems", nargs="*", help=f"subset of {list(SYSTEMS)}")
+    args = parser.parse_args(argv)
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(main_async(args))
+    else:
+        asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
