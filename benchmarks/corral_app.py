@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from corral.worker import App, Context
-
 from benchmarks.tasks import cpu_1ms, echo, noop
+from corral.worker import App, Context
 
 app = App("bench")
 app.handler(noop)

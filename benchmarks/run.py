@@ -176,8 +176,14 @@ async def measure(name: str, counts: Counts) -> dict[str, float]:
         add("latency p99 (µs)", p99 * 1e6)
         _pin(None)
         async with factory() as call:
-            add("no-op calls/s, 64 in flight", await throughput(call, "noop", counts.throughput_calls))
-            add("1 ms CPU tasks/s, 64 in flight", await throughput(call, "cpu_1ms", counts.cpu_calls))
+            add(
+                "no-op calls/s, 64 in flight",
+                await throughput(call, "noop", counts.throughput_calls),
+            )
+            add(
+                "1 ms CPU tasks/s, 64 in flight",
+                await throughput(call, "cpu_1ms", counts.cpu_calls),
+            )
             add("echo 1 MiB (MiB/s)", await echo_rate(call, MIB, counts.echo_calls))
     return {key: statistics.median(values) for key, values in figures.items()}
 

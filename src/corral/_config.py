@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE, MAX_POSSIBLE_SIZE
@@ -26,6 +26,9 @@ class PoolConfig:
     python: str | None = None
     #: Added to (or overriding) the parent's environment in each worker.
     env: Mapping[str, str] = field(default_factory=dict)
+    #: When set, workers inherit only these variables of the parent's environment
+    #: (plus ``env``), so secrets elsewhere in it never reach worker processes.
+    env_allowlist: Sequence[str] | None = None
     #: Working directory of the workers; None means the parent's.
     cwd: str | None = None
     #: Calls one worker may have in flight at once (pipelining). Sync handlers
@@ -96,6 +99,10 @@ class PoolConfig:
         ):
             positive(name, getattr(self, name))
         object.__setattr__(self, "env", dict(self.env))
+        if self.env_allowlist is not None:
+            if isinstance(self.env_allowlist, str):
+                raise ValueError("env_allowlist must be a sequence of names, not a string")
+            object.__setattr__(self, "env_allowlist", tuple(self.env_allowlist))
 
     def replace(self, **changes: object) -> PoolConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

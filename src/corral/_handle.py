@@ -345,7 +345,9 @@ class WorkerHandle:
         if self._launched is None or not self.state.live or self.kill_reason is not None:
             self._refresh_busy()
             self._on_capacity(self)
-            raise WorkerCrashed(
+            if session is not None:
+                self.sessions_reported_lost.add(session)
+            raise (SessionLost if session is not None else WorkerCrashed)(
                 f"worker {self.id} is gone ({self.kill_reason or describe_exit(self.exit_code)})",
                 worker_id=self.id,
                 pid=self.pid,
@@ -639,6 +641,11 @@ class WorkerHandle:
         if self._launched is not None and not self._exited.is_set():
             self._launched.kill()
         self._on_capacity(self)
+
+    def forget_after_fork(self) -> None:
+        forget = getattr(self._launched, "forget_after_fork", None)
+        if forget is not None:
+            forget()
 
     def abandon(self) -> None:
         """Last resort when the pool is garbage: kill the group, await nothing."""

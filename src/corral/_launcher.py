@@ -58,6 +58,7 @@ class WorkerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     max_message_size: int = 0
+    env_allowlist: tuple[str, ...] | None = None  # None: inherit the whole environment
 
     def command(self, read_fd: int, write_fd: int) -> list[str]:
         """The worker's argv (without the shepherd in front)."""
@@ -75,7 +76,11 @@ class WorkerSpec:
         return [self.python, "-m", "corral.worker", *args]
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, **self.env}
+        if self.env_allowlist is None:
+            inherited = dict(os.environ)
+        else:
+            inherited = {k: os.environ[k] for k in self.env_allowlist if k in os.environ}
+        env = {**inherited, **self.env}
         if self.python is None:
             env[SYS_PATH_ENV] = json.dumps([p or os.getcwd() for p in sys.path])
         return env
@@ -144,12 +149,14 @@ class _LocalWorker:
         protocol: _ShepherdProtocol,
         connection: FrameConnection,
         lifeline: int,
+        parent_fds: tuple[int, ...] = (),
     ) -> None:
         self._transport = transport
         self._protocol = protocol
         self.connection = connection
         self._lifeline = lifeline
         self._pid = transport.get_pid()
+        self._parent_fds = (*parent_fds, lifeline)
 
     @property
     def pid(self) -> int:
@@ -176,6 +183,17 @@ class _LocalWorker:
         if self._lifeline >= 0:
             os.close(self._lifeline)
             self._lifeline = -1
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop our copies of the pool's descriptors, touch nothing else.
+
+        The child must not keep the lifeline open (the workers would outlive the
+        parent) nor the protocol pipes (they belong to the parent).
+        """
+        for fd in self._parent_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._lifeline = -1
 
     def close(self) -> None:
         self._close_lifeline()
@@ -245,4 +263,6 @@ class LocalLauncher:
             transport.kill()
             transport.close()
             raise
-        return _LocalWorker(transport, protocol, connection, lifeline_w)
+        return _LocalWorker(
+            transport, protocol, connection, lifeline_w, parent_fds=(to_parent_r, to_worker_w)
+        )

@@ -20,9 +20,10 @@ import itertools
 import os
 import time
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import structlog
 
@@ -37,6 +38,7 @@ from ._errors import (
     PoolTimeout,
     SessionLost,
     WorkerStartError,
+    describe_exit,
 )
 from ._handle import _END, PendingCall, WorkerHandle
 from ._launcher import Launcher, LocalLauncher, WorkerSpec
@@ -50,9 +52,14 @@ _LOST_SESSIONS_KEPT = 10_000
 _fork_generation = 0
 
 
+_started_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    for pool in list(_started_pools):
+        pool._forget_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -191,6 +198,7 @@ class Pool:
         if self._state != "new":
             raise PoolClosed(f"pool {self.name} was already started")
         self._state = "starting"
+        _started_pools.add(self)
         self._idle_event = asyncio.Event()
         self._wake_supervisor = asyncio.Event()
         self._log.info("pool.starting", target=self.target, size=self.config.size)
@@ -223,6 +231,8 @@ class Pool:
         if self._state == "new":
             self._state = "closed"
             return
+        if self._fork_generation != _fork_generation:
+            return  # the parent's workers are the parent's to close
         if self._close_task is None:
             self._state = "closing"  # refuse new calls from this moment on
             self._close_task = asyncio.get_running_loop().create_task(self._close())
@@ -271,7 +281,11 @@ class Pool:
         """
         deadline = self._deadline(timeout)
         worker = await self._acquire(session, False, deadline, method)
-        pending = worker.send_call(method, args, kwargs, session=session, deadline=deadline)
+        try:
+            pending = worker.send_call(method, args, kwargs, session=session, deadline=deadline)
+        except SessionLost:
+            self._lost_sessions.pop(session or "", None)  # told now: only once
+            raise
         return await self._await_result(worker, pending)
 
     async def _await_result(self, worker: WorkerHandle, pending: PendingCall) -> Any:
@@ -312,6 +326,7 @@ class Pool:
 
     async def close_session(self, session: str) -> None:
         """Drop a session's state in its worker; the next call starts it afresh."""
+        self._check_fork()
         self._lost_sessions.pop(session, None)
         worker = self._sessions.pop(session, None)
         if worker is not None:
@@ -411,10 +426,16 @@ class Pool:
 
     def _check_fork(self) -> None:
         if self._fork_generation != _fork_generation:
-            raise CorralError(
-                f"pool {self.name} was created in process before a fork(); a forked child "
-                "cannot use it (its pipes belong to the parent). Create the pool in the child."
+            raise PoolClosed(
+                f"pool {self.name} was started in the parent of this forked process; a "
+                "forked child cannot use it (its workers and pipes belong to the parent). "
+                "Create the pool in the child, after the fork."
             )
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: let go of the parent's workers without touching them."""
+        for worker in self._workers:
+            worker.forget_after_fork()
 
     def _check_open(self) -> None:
         self._check_fork()
@@ -591,6 +612,7 @@ class Pool:
             target=self.target,
             python=self.config.python,
             env=self.config.env,
+            env_allowlist=cast("tuple[str, ...] | None", self.config.env_allowlist),
             cwd=self.config.cwd,
             max_message_size=self.config.max_message_size,
         )
@@ -640,7 +662,9 @@ class Pool:
     def _worker_exited(self, worker: WorkerHandle) -> None:
         if worker in self._workers:
             self._workers.remove(worker)
-        why = worker.kill_reason or f"its worker {worker.id} died ({worker.exit_code})"
+        why = (
+            worker.kill_reason or f"its worker {worker.id} died ({describe_exit(worker.exit_code)})"
+        )
         for session in worker.sessions:
             if self._sessions.get(session) is worker:
                 del self._sessions[session]
@@ -830,6 +854,8 @@ class _Checkout:
         pool = self._pool
         deadline = None
         if self._timeout is not None:
+            if self._timeout <= 0:
+                raise ValueError(f"timeout must be > 0, got {self._timeout!r}")
             deadline = asyncio.get_running_loop().time() + self._timeout
         worker = await pool._acquire(self._session, True, deadline, None)
         self._lease = WorkerLease(pool, worker, self._session)

@@ -82,6 +82,10 @@ def main(argv: list[str]) -> None:
     except OSError as exc:
         sys.stderr.write(f"corral shepherd: cannot start worker {command[0]!r}: {exc}\n")
         os._exit(127)
+    # The worker has its own copies of the protocol pipes; dropping ours means the
+    # pool sees the wire close as soon as the worker closes it or dies.
+    os.closerange(3, lifeline)
+    os.closerange(lifeline + 1, 65536)
 
     try:
         watch = os.pidfd_open(worker_pid)

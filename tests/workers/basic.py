@@ -212,3 +212,30 @@ def slow_words(n: int, seconds: float):
     for i in range(n):
         time.sleep(seconds)
         yield f"word{i}"
+
+
+@app.handler
+def close_the_wire_and_linger() -> None:
+    """Closes the worker's end of the protocol pipe but keeps running."""
+    import sys
+
+    os.close(int(sys.argv[sys.argv.index("--fds") + 1].split(",")[1]))
+    time.sleep(60)
+
+
+@app.handler
+def open_fds() -> dict[int, str]:
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+    return found
+
+
+@app.handler
+def wire_fds() -> list[int]:
+    import sys
+
+    return [int(fd) for fd in sys.argv[sys.argv.index("--fds") + 1].split(",")]
