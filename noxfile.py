@@ -55,3 +55,10 @@ def demo(session: nox.Session) -> None:
     """Run ``corral demo`` from a fresh install."""
     session.install("-e", ".")
     session.run("corral", "demo")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The benchmark table: corral against the pipe floor and the alternatives."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks.run", *session.posargs)

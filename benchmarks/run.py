@@ -236,9 +236,23 @@ def print_table(results: dict[str, dict[str, float]], out: Any = sys.stdout) -> 
         out.write(row + "\n")
 
 
+_NEEDS = {"anyio.to_process": "anyio", "pebble": "pebble"}
+
+
+def _available(name: str) -> bool:
+    import importlib.util
+
+    module = _NEEDS.get(name)
+    if module is None or importlib.util.find_spec(module) is not None:
+        return True
+    sys.stderr.write(f"skipping {name}: {module} is not installed (pip install -e '.[bench]')\n")
+    return False
+
+
 async def main_async(args: argparse.Namespace) -> None:
     counts = QUICK if args.quick else FULL
     names = [n for n in SYSTEMS if n in args.systems] if args.systems else list(SYSTEMS)
+    names = [n for n in names if _available(n)]
     if "floor" not in names:
         names.insert(0, "floor")
     results: dict[str, dict[str, float]] = {}
