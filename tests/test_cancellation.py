@@ -13,9 +13,10 @@ TARGET = "tests.workers.basic:app"
 
 
 async def _cancel_after_sent(pool: Pool, method: str, *args: object) -> None:
+    inflight = pool.stats().inflight
     task = asyncio.ensure_future(pool.call(method, *args))
     await asyncio.sleep(0)  # sent
-    assert pool.stats().inflight == 1
+    assert pool.stats().inflight == inflight + 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -66,8 +67,12 @@ async def test_a_worker_with_an_unacknowledged_cancel_gets_no_new_calls() -> Non
 
 async def test_a_call_cancelled_before_it_starts_never_runs() -> None:
     async with Pool(TARGET, size=1) as pool:
+        first = asyncio.ensure_future(pool.call("noisy_then_sleep", "first-running", 0.5))
+        assert await pool._wait_until(lambda: "first-running" in pool.workers[0].stderr_tail, 5)
+        # The worker is busy with `first`: this call waits in the worker's queue.
         await _cancel_after_sent(pool, "noisy_then_sleep", "must-not-run", 0)
-        assert await pool._wait_until(lambda: pool.stats().inflight == 0, 5)
+        assert await first is None
+        await pool.wait_idle(timeout=5)
         await pool.call("add", 1, 1)
         assert "must-not-run" not in pool.workers[0].stderr_tail
 

@@ -423,7 +423,7 @@ class WorkerHandle:
                 pending._wake()
         self.unacked_cancels += 1
         assert self._launched is not None
-        self._launched.connection.send(Cancel(pending.id))
+        self._launched.connection.send_control(Cancel(pending.id))
         pending.grace_timer = self._loop.call_later(
             self.cancel_grace, self._cancel_not_acknowledged, pending
         )
@@ -469,7 +469,7 @@ class WorkerHandle:
         self._ping_seq += 1
         if self._ping_sent_at is None:
             self._ping_sent_at = time.monotonic()
-        self._launched.connection.send(Ping(self._ping_seq))
+        self._launched.connection.send_control(Ping(self._ping_seq))
 
     def silent_for(self, now: float) -> float:
         """Seconds since the oldest unanswered ping (0 when all were answered)."""
@@ -521,6 +521,9 @@ class WorkerHandle:
                 self._hello.set_result(message)
         else:
             self._violation(f"unexpected message {type(message).__name__}")
+
+    def frames_done(self) -> None:
+        return None
 
     def _remote_failure(self, pending: PendingCall, error: Error) -> CorralError:
         context = self._error_context(pending)

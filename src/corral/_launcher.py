@@ -60,11 +60,11 @@ class WorkerSpec:
     max_message_size: int = 0
     env_allowlist: tuple[str, ...] | None = None  # None: inherit the whole environment
 
-    def command(self, read_fd: int, write_fd: int) -> list[str]:
+    def command(self, read_fd: int, write_fd: int, control_fd: int) -> list[str]:
         """The worker's argv (without the shepherd in front)."""
         args = [
             "--fds",
-            f"{read_fd},{write_fd}",
+            f"{read_fd},{write_fd},{control_fd}",
             "--worker-id",
             self.worker_id,
             "--max-message-size",
@@ -91,6 +91,7 @@ class WorkerEvents(Protocol):
 
     def frame_received(self, message: Any) -> None: ...
     def connection_broken(self, error: ProtocolError | None) -> None: ...
+    def frames_done(self) -> None: ...
     def stderr_received(self, data: bytes) -> None: ...
     def stderr_closed(self) -> None: ...
     def process_exited(self, returncode: int) -> None: ...
@@ -214,9 +215,10 @@ class LocalLauncher:
         loop = asyncio.get_running_loop()
         to_worker_r, to_worker_w = os.pipe()
         to_parent_r, to_parent_w = os.pipe()
+        control_r, control_w = os.pipe()
         lifeline_r, lifeline_w = os.pipe()
-        child_ends = (to_worker_r, to_parent_w, lifeline_r)
-        parent_ends = [to_parent_r, to_worker_w, lifeline_w]
+        child_ends = (to_worker_r, to_parent_w, control_r, lifeline_r)
+        parent_ends = [to_parent_r, to_worker_w, control_w, lifeline_w]
         command = [
             sys.executable,
             "-I",
@@ -224,7 +226,7 @@ class LocalLauncher:
             SHEPHERD,
             str(lifeline_r),
             "--",
-            *spec.command(to_worker_r, to_parent_w),
+            *spec.command(to_worker_r, to_parent_w, control_r),
         ]
         try:
             try:
@@ -257,6 +259,7 @@ class LocalLauncher:
                 events,
                 FrameDecoder(ParentBound, spec.max_message_size),  # type: ignore[arg-type]
                 FrameEncoder(spec.max_message_size),
+                control_fd=control_w,
             )
         except BaseException:
             os.close(lifeline_w)
@@ -264,5 +267,9 @@ class LocalLauncher:
             transport.close()
             raise
         return _LocalWorker(
-            transport, protocol, connection, lifeline_w, parent_fds=(to_parent_r, to_worker_w)
+            transport,
+            protocol,
+            connection,
+            lifeline_w,
+            parent_fds=(to_parent_r, to_worker_w, control_w),
         )

@@ -1,22 +1,34 @@
-"""How frames move between the two ends: a pair of pipes driven by the event loop.
+"""How frames move between the two ends: pipes driven by the event loop.
 
-Owns: the read side (bytes -> FrameDecoder -> one callback per message) and the
-write side (frames sent in one loop tick are written with one system call). Used
-by both the pool and the worker. Must not touch: what messages mean, or how the
-process at the other end was started (that is the launcher's job); a socket
-transport would offer the same ``FrameConnection`` surface.
+Owns: the read side (bytes -> FrameDecoder -> one callback per message), the
+pool's write side (the first frame of a loop tick is written at once, the rest
+of that tick coalesced into one more write), the optional control channel
+(heartbeats and cancels on a pipe of their own, so a worker can answer them
+while its loop is busy), and the worker's blocking, thread-safe writer. Must not
+touch: what messages mean, or how the process at the other end was started
+(that is the launcher's job); a socket transport would offer the same
+``FrameConnection`` surface, sending control messages in-band.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._errors import ProtocolError
 from ._framing import FrameDecoder, FrameEncoder
 
-__all__ = ["FrameConnection", "FrameListener", "PipeConnection", "open_pipe_connection"]
+__all__ = [
+    "BlockingFrameWriter",
+    "FrameConnection",
+    "FrameListener",
+    "FrameWriter",
+    "PipeConnection",
+    "open_frame_reader",
+    "open_pipe_connection",
+]
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -30,12 +42,18 @@ class FrameListener(Protocol[T_contra]):
     def connection_broken(self, error: ProtocolError | None) -> None:
         """The peer sent a bad frame (``error``) or closed its end (None)."""
 
+    def frames_done(self) -> None:
+        """Every frame of one read has been delivered."""
+
 
 class FrameConnection(Protocol):
     """The transport seam: anything that carries frames to one worker."""
 
     def send(self, message: Any) -> int:
         """Queue one message; raises EncodeError/PayloadTooLarge with nothing sent."""
+
+    def send_control(self, message: Any) -> int:
+        """Queue a Ping or Cancel, which must reach the worker even while it is busy."""
 
     def close(self) -> None: ...
 
@@ -55,9 +73,11 @@ class _ReadProtocol(asyncio.Protocol, Generic[T]):
             self._broken = True
             self._listener.connection_broken(exc)
             return
-        received = self._listener.frame_received
+        listener = self._listener
+        received = listener.frame_received
         for message in messages:
             received(message)
+        listener.frames_done()
 
     def eof_received(self) -> bool | None:
         return None
@@ -79,59 +99,113 @@ class _WriteProtocol(asyncio.Protocol):
         return None
 
 
-class PipeConnection:
-    """Frames over two pipe ends; writes of one loop tick are coalesced."""
+class FrameWriter:
+    """Frames onto an asyncio write transport.
+
+    The first frame of a loop tick is written at once (no added latency); frames
+    sent later in the same tick are coalesced and written together when the tick
+    ends, so a burst of calls costs one system call, not one each.
+    """
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        reader: asyncio.ReadTransport,
-        writer: asyncio.WriteTransport,
+        transport: asyncio.WriteTransport,
         encoder: FrameEncoder,
     ) -> None:
         self._loop = loop
-        self._reader = reader
-        self._writer = writer
+        self._transport = transport
         self._append = encoder.append
         self._pending = bytearray()
-        self._flush_scheduled = False
+        self._in_tick = False
         self._closed = False
 
     def send(self, message: Any) -> int:
-        """Queue one message for this tick's write; returns its encoded size."""
+        """Write one message (now, or at the end of this tick); returns its size."""
         if self._closed:
             return 0
-        size = self._append(message, self._pending)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if self._in_tick:
+            return self._append(message, self._pending)
+        frame = bytearray()
+        size = self._append(message, frame)
+        self._transport.write(frame)
+        self._in_tick = True
+        self._loop.call_soon(self._end_tick)
         return size
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._closed or not self._pending:
-            return
-        data, self._pending = self._pending, bytearray()
-        self._writer.write(data)
-
-    @property
-    def write_buffer_size(self) -> int:
-        return len(self._pending) + self._writer.get_write_buffer_size()
+    def _end_tick(self) -> None:
+        self._in_tick = False
+        if self._pending and not self._closed:
+            data, self._pending = self._pending, bytearray()
+            self._transport.write(data)
 
     def close(self) -> None:
-        """Flush what is queued (best effort) and close both pipe ends."""
         if self._closed:
             return
-        self._flush()
+        self._end_tick()
         self._closed = True
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._closed = True
+        self._transport.abort()
+
+
+class PipeConnection:
+    """Frames to a worker over pipes: calls on one, control messages on another."""
+
+    def __init__(
+        self,
+        reader: asyncio.ReadTransport,
+        writer: FrameWriter,
+        control: FrameWriter | None = None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._control = control
+        self.send = writer.send
+        self.send_control = (control or writer).send
+
+    def close(self) -> None:
+        """Write what is queued (best effort) and close every pipe end."""
         self._writer.close()
+        if self._control is not None:
+            self._control.close()
         self._reader.close()
 
     def abort(self) -> None:
-        """Close both ends at once, dropping anything unsent."""
-        self._closed = True
+        """Close every end at once, dropping anything unsent."""
         self._writer.abort()
+        if self._control is not None:
+            self._control.abort()
         self._reader.close()
+
+
+async def open_frame_reader(
+    read_fd: int, listener: FrameListener[T], decoder: FrameDecoder[T]
+) -> asyncio.ReadTransport:
+    """Deliver the frames arriving on ``read_fd`` to ``listener``, on the running loop."""
+    loop = asyncio.get_running_loop()
+    read_file = os.fdopen(read_fd, "rb", buffering=0)
+    try:
+        reader, _ = await loop.connect_read_pipe(
+            lambda: _ReadProtocol(decoder, listener), read_file
+        )
+    except BaseException:
+        read_file.close()
+        raise
+    return reader
+
+
+async def _open_writer(fd: int, encoder: FrameEncoder) -> FrameWriter:
+    loop = asyncio.get_running_loop()
+    write_file = os.fdopen(fd, "wb", buffering=0)
+    try:
+        transport, _ = await loop.connect_write_pipe(_WriteProtocol, write_file)
+    except BaseException:
+        write_file.close()
+        raise
+    return FrameWriter(loop, transport, encoder)
 
 
 async def open_pipe_connection(
@@ -140,23 +214,63 @@ async def open_pipe_connection(
     listener: FrameListener[T],
     decoder: FrameDecoder[T],
     encoder: FrameEncoder,
+    control_fd: int | None = None,
 ) -> PipeConnection:
-    """Attach two pipe descriptors to the running loop; the connection owns them."""
-    loop = asyncio.get_running_loop()
-    read_file = os.fdopen(read_fd, "rb", buffering=0)
-    write_file = os.fdopen(write_fd, "wb", buffering=0)
+    """Attach pipe descriptors to the running loop; the connection owns them all."""
+    owned = [read_fd, write_fd] + ([control_fd] if control_fd is not None else [])
+    opened: list[asyncio.BaseTransport | FrameWriter] = []
     try:
-        reader, _ = await loop.connect_read_pipe(
-            lambda: _ReadProtocol(decoder, listener), read_file
-        )
+        owned.remove(read_fd)  # each opener owns its descriptor from here, even on failure
+        reader = await open_frame_reader(read_fd, listener, decoder)
+        opened.append(reader)
+        owned.remove(write_fd)
+        writer = await _open_writer(write_fd, encoder)
+        opened.append(writer)
+        control = None
+        if control_fd is not None:
+            owned.remove(control_fd)
+            control = await _open_writer(control_fd, encoder)
     except BaseException:
-        read_file.close()
-        write_file.close()
+        for thing in opened:
+            thing.close()
+        for fd in owned:
+            os.close(fd)
         raise
-    try:
-        writer, _ = await loop.connect_write_pipe(_WriteProtocol, write_file)
-    except BaseException:
-        reader.close()
-        write_file.close()
-        raise
-    return PipeConnection(loop, reader, writer, encoder)
+    return PipeConnection(reader, writer, control)
+
+
+class BlockingFrameWriter:
+    """The worker's writer: whole frames, written by any thread, never interleaved.
+
+    The descriptor is blocking: a frame is written completely before the next
+    one starts, under a lock, so the worker's control thread can answer a Ping
+    while its event loop is busy running a sync handler.
+    """
+
+    def __init__(self, fd: int, encoder: FrameEncoder) -> None:
+        os.set_blocking(fd, True)
+        self._fd = fd
+        self._encoder = encoder
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray) -> None:
+        """Write complete frames; raises BrokenPipeError once the pool is gone."""
+        with self._lock:
+            if self.closed:
+                raise BrokenPipeError("the worker's wire is closed")
+            view = memoryview(data)
+            write = os.write
+            fd = self._fd
+            while view:
+                view = view[write(fd, view) :]
+
+    def send_now(self, message: Any) -> None:
+        """Encode and write one message at once (from any thread)."""
+        self.write(self._encoder.encode(message))
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                os.close(self._fd)

@@ -43,7 +43,7 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _isolate_stdout(protocol_fds: tuple[int, int]) -> None:
+def _isolate_stdout(protocol_fds: tuple[int, ...]) -> None:
     """Point fd 1 at stderr so nothing written to stdout can corrupt the wire."""
     for fd in protocol_fds:
         os.set_inheritable(fd, False)
@@ -73,17 +73,19 @@ def load_target(spec: str) -> App:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m corral.worker")
     parser.add_argument("target", help="MODULE:ATTR naming a corral.worker.App")
-    parser.add_argument("--fds", default="0,1", help="READ,WRITE protocol descriptors")
+    parser.add_argument("--fds", default="0,1", help="READ,WRITE[,CONTROL] protocol descriptors")
     parser.add_argument("--worker-id", default=f"w{os.getpid()}")
     parser.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE)
     args = parser.parse_args(argv)
-    read_fd, write_fd = (int(x) for x in args.fds.split(","))
+    fds = [int(x) for x in args.fds.split(",")]
+    read_fd, write_fd = fds[0], fds[1]
+    control_fd = fds[2] if len(fds) > 2 else None
 
     parent_path = os.environ.pop(SYS_PATH_ENV, None)
     if parent_path is not None:
         sys.path[:] = json.loads(parent_path)
     if (read_fd, write_fd) != (0, 1):
-        _isolate_stdout((read_fd, write_fd))
+        _isolate_stdout(tuple(fds))
     else:  # stdin/stdout as the wire (run by hand): keep the wire, move stdout
         write_fd = os.dup(1)
         read_fd = os.dup(0)
@@ -100,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from ._runtime import serve
 
-    code = asyncio.run(serve(app, args.worker_id, read_fd, write_fd, args.max_message_size))
+    code = asyncio.run(
+        serve(app, args.worker_id, read_fd, write_fd, args.max_message_size, control_fd)
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -1,10 +1,19 @@
 """The worker's event loop: read calls, run handlers, answer, keep sessions.
 
-Owns: dispatch of every parent-bound frame inside one worker process, the sync
-lane (one thread, so sync handlers run one at a time while the loop stays free
-to answer pings and cancels), async handler tasks, stream credit, deadlines,
-cancellation and per-session state. Must not touch: how the process was started
-or its descriptors (``__main__`` does that), or anything of the parent's.
+Owns: dispatch of every parent-bound frame inside one worker process; where each
+handler runs; stream credit, deadlines, cancellation and per-session state.
+Must not touch: how the process was started or its descriptors (``__main__``
+does that), or anything of the parent's.
+
+Where handlers run:
+- a sync handler runs inline, on the loop's thread, when nothing else is in
+  flight (the fast path: no thread hop); while async work is in flight it runs
+  on the sync lane, one thread, so the loop stays free for that work. Either
+  way sync handlers run one at a time.
+- async handlers and async generators run as tasks on the loop; sync
+  generators step on the sync lane.
+- a control thread reads the control pipe: it answers Ping at once and marks
+  cancelled calls, even while a sync handler keeps the loop busy.
 
 Rules it keeps (docs/protocol.md): every Call ends with exactly one of Result,
 Error, End or CancelAck; every Cancel gets exactly one CancelAck, sent after the
@@ -16,8 +25,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import inspect
 import os
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -45,13 +57,14 @@ from .._messages import (
     Shutdown,
     WorkerBound,
 )
-from .._transport import PipeConnection, open_pipe_connection
+from .._transport import BlockingFrameWriter, open_frame_reader
 from ._app import App, Context, Handler, HandlerKind
 
 __all__ = ["WorkerRuntime", "run_hooks", "serve"]
 
 _NOT_FOUND_LISTED = 8
 _DONE = object()
+_EAGER_TASKS = sys.version_info >= (3, 12)
 
 
 class _Running:
@@ -72,7 +85,7 @@ class _Running:
         self.ctx = ctx
         self.task: asyncio.Task[None] | None = None
         self.job: concurrent.futures.Future[Any] | None = None  # sync work on the lane
-        self.cancel_requested = False
+        self.cancel_requested = False  # a Cancel came: a CancelAck is owed
         self.stop_reason: str | None = None  # "cancel", "deadline" or "shutdown"
         self.timer: asyncio.TimerHandle | None = None
         self.credit = call.window
@@ -100,51 +113,62 @@ async def run_hooks(hooks: list[Callable[..., Any]], *args: Any) -> None:
 
 
 class WorkerRuntime:
-    """Serves one App over one connection until Shutdown or the parent goes away."""
+    """Serves one App until Shutdown or the parent goes away."""
 
-    def __init__(self, app: App, worker_id: str) -> None:
+    def __init__(
+        self, app: App, worker_id: str, writer: BlockingFrameWriter, encoder: FrameEncoder
+    ) -> None:
         self.app = app
         self.worker_id = worker_id
-        self.connection: PipeConnection | None = None
         self.sessions: dict[str, dict[str, Any]] = {}
+        self._writer = writer
+        self._append = encoder.append
+        self._out = bytearray()  # whole frames not yet written
+        self._out_lock = threading.Lock()  # guards _out and keeps frames in order
+        self._flush_scheduled = False
+        self._in_batch = False
+        # Shared with the control thread, under _lock:
+        self._lock = threading.Lock()
         self._running: dict[int, _Running] = {}
+        self._max_seen_id = 0
+        self._early_cancels: set[int] = set()
+        # Loop thread only:
+        self._async_inflight = 0
+        self._lane_busy = 0
         self._lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="corral-sync")
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         self._shutdown_requested = False
         self._log = structlog.get_logger("corral.worker").bind(worker_id=worker_id, pid=os.getpid())
 
-    # --- FrameListener ------------------------------------------------------
-
-    def frame_received(self, message: WorkerBound) -> None:
-        if isinstance(message, Call):
-            self._start(message)
-        elif isinstance(message, Ping):
-            self._send(Pong(message.seq))
-        elif isinstance(message, Cancel):
-            self._cancel(message.id)
-        elif isinstance(message, Credit):
-            self._add_credit(message.id, message.n)
-        elif isinstance(message, EndSession):
-            self._end_session(message.session)
-        elif isinstance(message, Shutdown):
-            self._shutdown_requested = True
-            self._stopped.set()
-
-    def connection_broken(self, error: ProtocolError | None) -> None:
-        if error is not None:
-            self._log.error("worker.protocol_error", error=str(error))
-        self._stopped.set()
-
-    # --- sending --------------------------------------------------------------
+    # --- output -----------------------------------------------------------------
 
     def _send(self, message: Any) -> None:
-        if self.connection is not None:
-            self.connection.send(message)
+        """Queue a frame; written at the end of this batch or loop tick."""
+        with self._out_lock:
+            self._append(message, self._out)
+        if not self._in_batch and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
 
-    def _send_error(self, call_id: int, kind: str, exc: BaseException) -> None:
-        name, message, tb = _describe(exc)
-        self._send(Error(call_id, kind, name, message, tb))
+    def flush(self) -> None:
+        """Write every queued frame (from any thread)."""
+        self._flush_scheduled = False
+        with self._out_lock:
+            if not self._out:
+                return
+            data, self._out = self._out, bytearray()
+            try:
+                self._writer.write(data)
+            except OSError:
+                self._parent_gone()
+
+    def _parent_gone(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._stopped.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self._stopped.set)
 
     def _send_value(self, call_id: int, value: Any, method: str, chunk: bool = False) -> bool:
         """Send a Result (or Chunk); if it cannot be sent, an Error instead. True if sent."""
@@ -167,18 +191,52 @@ class WorkerRuntime:
             return False
         return True
 
-    # --- calls ----------------------------------------------------------------
+    def _send_error(self, call_id: int, kind: str, exc: BaseException) -> None:
+        name, message, tb = _describe(exc)
+        self._send(Error(call_id, kind, name, message, tb))
+
+    # --- FrameListener (loop thread) ------------------------------------------
+
+    def frame_received(self, message: WorkerBound) -> None:
+        self._in_batch = True
+        if isinstance(message, Call):
+            self._start(message)
+        elif isinstance(message, Credit):
+            self._add_credit(message.id, message.n)
+        elif isinstance(message, EndSession):
+            self._end_session(message.session)
+        elif isinstance(message, Shutdown):
+            self._shutdown_requested = True
+            self._stopped.set()
+        elif isinstance(message, Ping):  # in-band, when no control channel is used
+            self._send(Pong(message.seq))
+        elif isinstance(message, Cancel):
+            self.cancel_requested(message.id)
+
+    def frames_done(self) -> None:
+        self._in_batch = False
+        self.flush()
+
+    def connection_broken(self, error: ProtocolError | None) -> None:
+        if error is not None:
+            self._log.error("worker.protocol_error", error=str(error))
+        self._stopped.set()
+
+    # --- calls (loop thread) --------------------------------------------------
 
     def _start(self, call: Call) -> None:
         handler = self.app.handlers.get(call.method)
+        with self._lock:
+            self._max_seen_id = max(self._max_seen_id, call.id)
+            if self._early_cancels and call.id in self._early_cancels:
+                self._early_cancels.discard(call.id)  # cancelled before it arrived
+                self._send(CancelAck(call.id))
+                return
         if handler is None:
             known = sorted(self.app.handlers)
             listed = ", ".join(repr(n) for n in known[:_NOT_FOUND_LISTED])
-            more = (
-                f" and {len(known) - _NOT_FOUND_LISTED} more"
-                if len(known) > _NOT_FOUND_LISTED
-                else ""
-            )
+            extra = len(known) - _NOT_FOUND_LISTED
+            more = f" and {extra} more" if extra > 0 else ""
             self._send(
                 Error(
                     call.id,
@@ -188,13 +246,14 @@ class WorkerRuntime:
                 )
             )
             return
-        if handler.kind.streams and not call.stream:
+        kind = handler.kind
+        if kind.streams and not call.stream:
             self._send(
                 Error(
                     call.id,
                     ErrorKind.USAGE,
                     "TypeError",
-                    f"handler {call.method!r} is a {handler.kind.value}: use pool.stream(), "
+                    f"handler {call.method!r} is a {kind.value}: use pool.stream(), "
                     "not pool.call()",
                 )
             )
@@ -226,23 +285,49 @@ class WorkerRuntime:
             deadline=deadline,
         )
         running = _Running(call, ctx)
-        self._running[call.id] = running
+        with self._lock:
+            self._running[call.id] = running
+        if kind is HandlerKind.SYNC and not self._async_inflight and not self._lane_busy:
+            self._run_inline(running, handler)
+            return
         if call.timeout is not None:
             running.timer = self._loop.call_later(call.timeout, self._deadline_passed, running)
-        running.task = self._loop.create_task(self._run(running, handler))
+        if kind is HandlerKind.ASYNC or kind is HandlerKind.ASYNC_GEN:
+            self._async_inflight += 1
+        coro = self._run(running, handler)
+        if _EAGER_TASKS:
+            running.task = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
+        else:
+            running.task = self._loop.create_task(coro)
+
+    def _run_inline(self, running: _Running, handler: Handler) -> None:
+        """The fast path: run a sync handler right here, on the loop's thread."""
+        if self._out:
+            self.flush()  # earlier results must not wait for this handler
+        call = running.call
+        kwargs = {**call.kwargs, "ctx": running.ctx} if handler.wants_context else call.kwargs
+        try:
+            value = handler.fn(*call.args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the handler's failure is the caller's RemoteError
+            if not running.cancel_requested:
+                self._send_error(call.id, ErrorKind.REMOTE, exc)
+        else:
+            self._send_value(call.id, value, call.method)
+        finally:
+            self._finish(running)
 
     async def _run(self, running: _Running, handler: Handler) -> None:
         call = running.call
-        kwargs = call.kwargs
-        if handler.wants_context:
-            kwargs = {**kwargs, "ctx": running.ctx}
+        kwargs = {**call.kwargs, "ctx": running.ctx} if handler.wants_context else call.kwargs
+        kind = handler.kind
         try:
-            kind = handler.kind
             if kind is HandlerKind.ASYNC:
                 value = await handler.fn(*call.args, **kwargs)
                 self._send_value(call.id, value, call.method)
             elif kind is HandlerKind.SYNC:
-                value = await self._on_lane(running, handler.fn, *call.args, **kwargs)
+                value = await self._on_lane(
+                    running, functools.partial(handler.fn, *call.args, **kwargs)
+                )
                 self._send_value(call.id, value, call.method)
             elif kind is HandlerKind.ASYNC_GEN:
                 agen = handler.fn(*call.args, **kwargs)
@@ -255,7 +340,9 @@ class WorkerRuntime:
                 finally:
                     await agen.aclose()
             else:
-                gen = await self._on_lane(running, handler.fn, *call.args, **kwargs)
+                gen = await self._on_lane(
+                    running, functools.partial(handler.fn, *call.args, **kwargs)
+                )
                 try:
                     while (item := await self._on_lane(running, next, gen, _DONE)) is not _DONE:
                         if not await self._emit(running, item):
@@ -263,7 +350,7 @@ class WorkerRuntime:
                     else:
                         self._send(End(call.id))
                 finally:
-                    await asyncio.wrap_future(self._lane.submit(gen.close))
+                    await self._on_lane(running, gen.close, check=False)
         except asyncio.CancelledError:
             if running.stop_reason is None:
                 raise  # not ours: the worker's loop is going away
@@ -277,19 +364,23 @@ class WorkerRuntime:
             if not running.cancel_requested:
                 self._send_error(call.id, ErrorKind.REMOTE, exc)
         finally:
+            if kind is HandlerKind.ASYNC or kind is HandlerKind.ASYNC_GEN:
+                self._async_inflight -= 1
             self._finish(running)
 
     async def _on_lane(
-        self, running: _Running, fn: Callable[..., Any], *args: Any, **kwargs: Any
+        self, running: _Running, fn: Callable[..., Any], *args: Any, check: bool = True
     ) -> Any:
-        """Run ``fn`` on the sync lane; a cancel before it starts means it never runs."""
-        if running.stop_reason is not None:
+        """Run ``fn`` on the sync lane; a call stopped before it starts never runs."""
+        if check and running.stop_reason is not None:
             raise asyncio.CancelledError
-        job = self._lane.submit(fn, *args, **kwargs)
+        job = self._lane.submit(fn, *args)
         running.job = job
+        self._lane_busy += 1
         try:
             return await asyncio.wrap_future(job)
         finally:
+            self._lane_busy -= 1
             running.job = None
 
     async def _emit(self, running: _Running, item: Any) -> bool:
@@ -315,11 +406,13 @@ class WorkerRuntime:
     def _finish(self, running: _Running) -> None:
         """The call is over: say so once (CancelAck if it was cancelled)."""
         call_id = running.call.id
-        if self._running.pop(call_id, None) is None:
-            return
+        with self._lock:
+            if self._running.pop(call_id, None) is None:
+                return
+            owed = running.cancel_requested
         if running.timer is not None:
             running.timer.cancel()
-        if running.cancel_requested:
+        if owed:
             self._send(CancelAck(call_id))
         if not self._running and self._shutdown_requested:
             self._stopped.set()
@@ -335,27 +428,70 @@ class WorkerRuntime:
         if job is not None and not job.cancel():
             return  # running on the lane: it ends when the handler returns
         task = running.task
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
             # A task cancelled before its first step never runs its body (nor its
             # finally): finish it from here in that case.
             task.add_done_callback(lambda _: self._finish(running))
 
-    def _cancel(self, call_id: int) -> None:
-        running = self._running.get(call_id)
-        if running is None:
-            # Already finished: its last frame is on its way; acknowledge anyway.
-            self._send(CancelAck(call_id))
-            return
-        if running.cancel_requested:
-            return
-        running.cancel_requested = True
-        self._stop_call(running, "cancel")
-
     def _deadline_passed(self, running: _Running) -> None:
         running.timer = None
         if running.call.id in self._running:
             self._stop_call(running, "deadline")
+
+    # --- cancellation (any thread) ----------------------------------------------
+
+    def cancel_requested(self, call_id: int) -> None:
+        """A Cancel arrived (on the control thread, or in-band on the loop)."""
+        with self._lock:
+            running = self._running.get(call_id)
+            if running is None:
+                if call_id > self._max_seen_id:
+                    self._early_cancels.add(call_id)  # its Call is still on the way
+                    return
+            else:
+                if running.cancel_requested:
+                    return
+                running.cancel_requested = True
+                running.ctx._cancel()  # a sync handler sees it now, even mid-call
+        if running is None:
+            # Already finished: its last frame is queued or written; the ack follows it.
+            with self._out_lock:
+                self._append(CancelAck(call_id), self._out)
+            self.flush()
+        elif threading.current_thread() is threading.main_thread():
+            self._stop_call(running, "cancel")
+        else:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop_call, running, "cancel")
+
+    def control_loop(self, fd: int, max_message_size: int) -> None:
+        """Body of the control thread: Ping and Cancel, answered while the loop is busy."""
+        decoder: FrameDecoder[Any] = FrameDecoder(WorkerBound, max_message_size)  # type: ignore[arg-type]
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return  # the pool is gone; the main pipe says so too
+            try:
+                messages = decoder.feed(data)
+            except ProtocolError as exc:
+                self._log.error("worker.control_protocol_error", error=str(exc))
+                self._parent_gone()
+                return
+            for message in messages:
+                if isinstance(message, Ping):
+                    try:
+                        self._writer.send_now(Pong(message.seq))
+                    except OSError:
+                        self._parent_gone()
+                        return
+                elif isinstance(message, Cancel):
+                    self.cancel_requested(message.id)
+
+    # --- sessions ---------------------------------------------------------------
 
     def _end_session(self, session_id: str) -> None:
         state = self.sessions.pop(session_id, None)
@@ -384,40 +520,55 @@ class WorkerRuntime:
         tasks = [r.task for r in self._running.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+        self.flush()
         self._lane.shutdown(wait=False, cancel_futures=True)
 
 
 async def serve(
-    app: App, worker_id: str, read_fd: int, write_fd: int, max_message_size: int
+    app: App,
+    worker_id: str,
+    read_fd: int,
+    write_fd: int,
+    max_message_size: int,
+    control_fd: int | None = None,
 ) -> int:
     """Run the worker until told to stop; returns the process exit code."""
     log = structlog.get_logger("corral.worker").bind(worker_id=worker_id, pid=os.getpid())
-    runtime = WorkerRuntime(app, worker_id)
-    connection = await open_pipe_connection(
+    encoder = FrameEncoder(max_message_size)
+    writer = BlockingFrameWriter(write_fd, encoder)
+    runtime = WorkerRuntime(app, worker_id, writer, encoder)
+    reader = await open_frame_reader(
         read_fd,
-        write_fd,
         runtime,
         FrameDecoder(WorkerBound, max_message_size),  # type: ignore[arg-type]
-        FrameEncoder(max_message_size),
     )
-    runtime.connection = connection
+    if control_fd is not None:
+        threading.Thread(
+            target=runtime.control_loop,
+            args=(control_fd, max_message_size),
+            name="corral-control",
+            daemon=True,
+        ).start()
     exit_code = 0
     try:
         try:
             await run_hooks(app.startup_hooks)
-        except Exception:  # reported on stderr; the pool turns it into WorkerStartError
+        except Exception:
+            # reported on stderr; the pool turns it into WorkerStartError
             log.exception("worker.startup_failed")
             return 4
-        connection.send(Hello(PROTOCOL_VERSION, os.getpid(), worker_id, sorted(app.handlers)))
+        runtime._send(Hello(PROTOCOL_VERSION, os.getpid(), worker_id, sorted(app.handlers)))
+        runtime.flush()
         await runtime.wait_stopped()
-        graceful = runtime._shutdown_requested
-        await runtime.stop(graceful=graceful)
+        await runtime.stop(graceful=runtime._shutdown_requested)
         try:
             await run_hooks(app.shutdown_hooks)
-        except Exception:  # reported on stderr; the worker still exits
+        except Exception:
+            # reported on stderr; the worker still exits
             log.exception("worker.shutdown_hook_failed")
             exit_code = 5
     finally:
+        reader.close()
         with contextlib.suppress(OSError):
-            connection.close()
+            writer.close()
     return exit_code
