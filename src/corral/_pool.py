@@ -66,7 +66,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Waiter:
-    __slots__ = ("exclusive", "future", "method", "queued", "session")
+    __slots__ = ("exclusive", "future", "home", "method", "queued", "session")
 
     def __init__(
         self,
@@ -80,48 +80,77 @@ class _Waiter:
         self.exclusive = exclusive
         self.method = method
         self.queued = False
+        self.home: WorkerHandle | None = None  # a session waiter's worker when queued
 
 
 class _WaitQueues:
-    """Callers waiting for a worker, by what they wait for; each queue is FIFO."""
+    """Callers waiting for a worker, by what they wait for; each queue is FIFO.
 
-    __slots__ = ("exclusive", "plain", "sessions")
+    Session callers queue by the worker that holds their session (their home),
+    so a slot freed on one worker is offered to that worker's queue alone.
+    """
+
+    __slots__ = ("_session_counts", "exclusive", "plain", "sessions")
 
     def __init__(self) -> None:
         self.plain: collections.deque[_Waiter] = collections.deque()
         self.exclusive: collections.deque[_Waiter] = collections.deque()
-        self.sessions: list[_Waiter] = []
+        self.sessions: dict[WorkerHandle | None, collections.deque[_Waiter]] = {}
+        self._session_counts: collections.Counter[str] = collections.Counter()
 
-    def _queue_of(self, waiter: _Waiter) -> collections.deque[_Waiter] | list[_Waiter]:
+    def _queue_of(self, waiter: _Waiter) -> collections.deque[_Waiter]:
         if waiter.session is not None:
-            return self.sessions
+            return self.sessions[waiter.home]
         return self.exclusive if waiter.exclusive else self.plain
 
     def has_waiters_like(self, session: str | None, exclusive: bool) -> bool:
         """Whether a new request of this kind must queue behind earlier ones."""
         if session is not None:
-            return any(w.session == session for w in self.sessions)
+            return self._session_counts[session] > 0
         return bool(self.exclusive) if exclusive else bool(self.plain or self.exclusive)
 
-    def add(self, waiter: _Waiter) -> None:
+    def add(self, waiter: _Waiter, home: WorkerHandle | None = None) -> None:
         waiter.queued = True
-        self._queue_of(waiter).append(waiter)
+        if waiter.session is not None:
+            waiter.home = home
+            self._session_counts[waiter.session] += 1
+            self.sessions.setdefault(home, collections.deque()).append(waiter)
+        else:
+            self._queue_of(waiter).append(waiter)
 
     def discard(self, waiter: _Waiter) -> None:
-        if waiter.queued:
-            waiter.queued = False
-            self._queue_of(waiter).remove(waiter)
+        if not waiter.queued:
+            return
+        waiter.queued = False
+        queue = self._queue_of(waiter)
+        if queue and queue[0] is waiter:
+            queue.popleft()
+        else:
+            queue.remove(waiter)
+        if waiter.session is not None:
+            self._forget_session_waiter(waiter, queue)
+
+    def _forget_session_waiter(self, waiter: _Waiter, queue: collections.deque[_Waiter]) -> None:
+        assert waiter.session is not None
+        self._session_counts[waiter.session] -= 1
+        if not self._session_counts[waiter.session]:
+            del self._session_counts[waiter.session]
+        if not queue:
+            del self.sessions[waiter.home]
 
     def fail_all(self, error: CorralError) -> None:
-        for queue in (self.sessions, self.exclusive, self.plain):
+        queues = [self.exclusive, self.plain, *self.sessions.values()]
+        for queue in queues:
             for waiter in queue:
                 waiter.queued = False
                 if not waiter.future.done():
                     waiter.future.set_exception(error)
             queue.clear()
+        self.sessions.clear()
+        self._session_counts.clear()
 
     def __len__(self) -> int:
-        return len(self.plain) + len(self.exclusive) + len(self.sessions)
+        return len(self.plain) + len(self.exclusive) + sum(self._session_counts.values())
 
 
 class Pool:
@@ -482,7 +511,7 @@ class Pool:
             )
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), session, exclusive, method)
-        queues.add(waiter)
+        queues.add(waiter, self._sessions.get(session) if session is not None else None)
         self._dispatch()
         timer = None
         if deadline is not None and not waiter.future.done():
@@ -518,6 +547,32 @@ class Pool:
             )
         waiter.future.set_exception(error)
 
+    def _serve_session_waiters(self, home: WorkerHandle | None) -> None:
+        """Offer ``home``'s capacity to the callers whose session lives there, in order."""
+        queues = self._queues
+        queue = queues.sessions.get(home)
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():
+                queues.discard(waiter)
+                continue
+            assert waiter.session is not None
+            try:
+                worker = self._place(waiter.session, waiter.exclusive)
+            except CorralError as exc:
+                queues.discard(waiter)
+                waiter.future.set_exception(exc)
+                continue
+            if worker is not None:
+                queues.discard(waiter)
+                self._grant(waiter, worker)
+                continue
+            new_home = self._sessions.get(waiter.session)
+            if new_home is home:
+                break  # the head waits for this worker; so does everyone behind it
+            queues.discard(waiter)  # its session moved (its old worker died)
+            queues.add(waiter, new_home)
+
     def _grant(self, waiter: _Waiter, worker: WorkerHandle) -> None:
         worker.reserve(waiter.exclusive)
         waiter.future.set_result(worker)
@@ -533,19 +588,11 @@ class Pool:
         queues = self._queues
         workers = self._workers
         if queues.sessions:
-            for waiter in list(queues.sessions):
-                if waiter.future.done():
-                    queues.discard(waiter)
-                    continue
-                try:
-                    worker = self._place(waiter.session, waiter.exclusive)
-                except CorralError as exc:
-                    queues.discard(waiter)
-                    waiter.future.set_exception(exc)
-                    continue
-                if worker is not None:
-                    queues.discard(waiter)
-                    self._grant(waiter, worker)
+            if _worker is not None and _worker.state.accepting:
+                self._serve_session_waiters(_worker)
+            else:
+                for home in list(queues.sessions):
+                    self._serve_session_waiters(home)
         exclusive = queues.exclusive
         while exclusive:
             waiter = exclusive[0]

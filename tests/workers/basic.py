@@ -239,3 +239,10 @@ def wire_fds() -> list[int]:
     import sys
 
     return [int(fd) for fd in sys.argv[sys.argv.index("--fds") + 1].split(",")]
+
+
+@app.handler
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
