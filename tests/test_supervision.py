@@ -34,7 +34,7 @@ async def test_a_worker_holding_the_gil_misses_heartbeats_and_is_replaced() -> N
 
 async def test_a_worker_that_never_becomes_ready_fails_the_start() -> None:
     started = time.monotonic()
-    with pytest.raises(corral.WorkerStartError, match="did not become ready within 0.5s"):
+    with pytest.raises(corral.WorkerStartError, match=r"did not become ready within 0\.5s"):
         async with Pool("tests.workers.slow_start:app", size=1, startup_timeout=0.5):
             pass
     assert time.monotonic() - started < 5.0
