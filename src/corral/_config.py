@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE, MAX_POSSIBLE_SIZE
 
@@ -62,6 +63,22 @@ class PoolConfig:
     heartbeat_timeout: float = 30.0
     #: Items a stream may run ahead of its consumer.
     stream_window: int = 32
+    #: Recycle a worker after this many calls (each worker draws its own limit
+    #: within +-recycle_jitter of it, so workers do not all recycle at once).
+    max_requests: int | None = None
+    recycle_jitter: float = 0.1
+    #: Recycle a worker this many seconds after it became ready.
+    max_lifetime: float | None = None
+    #: Recycle a worker whose resident memory (RSS, bytes) passes this limit,
+    #: once its sessions have ended; past max_memory_hard even with sessions.
+    max_memory: int | None = None
+    max_memory_hard: int | None = None
+    #: A session idle this long is ended (its worker's on_session_end hooks run).
+    session_ttl: float | None = None
+    #: New sessions go only to workers holding fewer sessions than this.
+    max_sessions_per_worker: int | None = None
+    #: Called as ``hook(session_id, error)`` when a session's worker dies; may be async.
+    on_session_lost: Callable[[str, BaseException], Any] | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, value: float | None, allow_none: bool = False) -> None:
@@ -85,6 +102,17 @@ class PoolConfig:
         if self.stream_window < 1:
             raise ValueError(f"stream_window must be >= 1, got {self.stream_window!r}")
         positive("call_timeout", self.call_timeout, allow_none=True)
+        for optional in (
+            "max_requests",
+            "max_lifetime",
+            "max_memory",
+            "max_memory_hard",
+            "session_ttl",
+            "max_sessions_per_worker",
+        ):
+            positive(optional, getattr(self, optional), allow_none=True)
+        if not 0 <= self.recycle_jitter < 1:
+            raise ValueError(f"recycle_jitter must be in [0, 1), got {self.recycle_jitter!r}")
         for name in (
             "startup_timeout",
             "cancel_grace",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -64,6 +65,7 @@ _STDERR_LINE_MAX = 4096
 _EXIT_TAIL_WAIT = 0.05  # after exit, how long to wait for the last stderr bytes
 _EOF_EXIT_WAIT = 1.0  # after the wire closes, how long the worker has to exit
 _END = object()
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class PendingCall:
@@ -180,6 +182,12 @@ class WorkerHandle:
         self.sessions_reported_lost: set[str] = set()  # told to an in-flight call
         self.leased = False
         self.claimed = False  # draining for a waiting checkout (set by the pool)
+        self.recycle_after: int | None = None  # calls served before it is recycled
+        self.recycle_reason: str | None = None  # set once it is draining to be recycled
+        self.recycle_pending: str | None = None  # due, but waiting for its sessions to end
+        self.memory_limit: int | None = None
+        self.memory_exempt = False  # over the limit when fresh: a configuration error
+        self.rss: int | None = None  # last sample of the worker's resident memory
         self.reserved = 0
         self.unacked_cancels = 0
         self.calls_served = 0
@@ -324,7 +332,6 @@ class WorkerHandle:
 
     def release_lease(self) -> None:
         self.leased = False
-        self.claimed = False  # draining for a waiting checkout (set by the pool)
         self._refresh_busy()
         self._on_capacity(self)
 
@@ -594,6 +601,14 @@ class WorkerHandle:
                 "worker.exited", exit=how, reason=self.kill_reason, inflight=len(self._pending)
             )
         reason = self.kill_reason or f"the worker died ({how})"
+        if (
+            self.kill_reason is None
+            and self.exit_code == -9
+            and self.memory_limit
+            and self.rss is not None
+            and self.rss > 0.9 * self.memory_limit
+        ):
+            reason += f"; out of memory suspected (RSS was {self.rss // 2**20} MiB)"
         tail = self.stderr_tail
 
         def crashed(p: PendingCall) -> CorralError:
@@ -644,6 +659,25 @@ class WorkerHandle:
         if self._launched is not None and not self._exited.is_set():
             self._launched.kill()
         self._on_capacity(self)
+
+    def drain(self, reason: str) -> None:
+        """Take no new calls; the pool stops the worker once its calls are done."""
+        self.recycle_reason = reason
+        self.recycle_pending = None
+        self._set_state(WorkerState.DRAINING)
+        self._log.info("worker.recycling", reason=reason, calls_served=self.calls_served)
+
+    def sample_rss(self) -> int | None:
+        """Read the worker's resident memory from /proc (Linux); None if unknown."""
+        if self.pid is None:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/statm", "rb") as statm:
+                pages = int(statm.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        self.rss = pages * _PAGE_SIZE
+        return self.rss
 
     def forget_after_fork(self) -> None:
         forget = getattr(self._launched, "forget_after_fork", None)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import itertools
 import os
+import random
 import time
 import warnings
 import weakref
@@ -37,6 +39,7 @@ from ._errors import (
     PoolOverloaded,
     PoolTimeout,
     SessionLost,
+    WorkerCrashed,
     WorkerStartError,
     describe_exit,
 )
@@ -202,6 +205,11 @@ class Pool:
         self._calls_failed: collections.Counter[str] = collections.Counter()
         self._recent_deaths: collections.deque[float] = collections.deque()
         self._watchers: list[asyncio.Future[None]] = []  # woken on any change
+        self._recycles = 0
+        # session -> last use (monotonic), kept only when session_ttl is set
+        self._session_used: dict[str, float] | None = (
+            {} if self.config.session_ttl is not None else None
+        )
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -245,6 +253,8 @@ class Pool:
         for worker, outcome in zip(rest, results, strict=True):
             if isinstance(outcome, BaseException):
                 self._start_failed(worker, outcome)
+        for worker in self._workers:
+            self._check_fresh_memory(worker)
         self._state = "open"
         self._spawn_task(self._supervise(), "supervisor")
         self._dispatch()
@@ -301,21 +311,37 @@ class Pool:
         *args: Any,
         session: str | None = None,
         timeout: float | None = None,
+        retries: int = 0,
         **kwargs: Any,
     ) -> Any:
         """Run ``method(*args, **kwargs)`` on a worker and return its result.
 
         ``session`` pins the call to the worker holding that session's state.
         ``timeout`` is one deadline for the wait, the wire and the work.
+        ``retries`` re-runs the call on another worker after WorkerCrashed, up to
+        that many times within the deadline: only for idempotent methods. It is
+        never retried after a RemoteError, nor after SessionLost (the state is gone).
         """
         deadline = self._deadline(timeout)
-        worker = await self._acquire(session, False, deadline, method)
-        try:
-            pending = worker.send_call(method, args, kwargs, session=session, deadline=deadline)
-        except SessionLost:
-            self._lost_sessions.pop(session or "", None)  # told now: only once
-            raise
-        return await self._await_result(worker, pending)
+        attempt = 0
+        while True:
+            worker = await self._acquire(session, False, deadline, method)
+            if self._session_used is not None and session is not None:
+                self._session_used[session] = time.monotonic()
+            try:
+                pending = worker.send_call(method, args, kwargs, session=session, deadline=deadline)
+            except SessionLost:
+                self._lost_sessions.pop(session or "", None)  # told now: only once
+                raise
+            try:
+                return await self._await_result(worker, pending)
+            except WorkerCrashed as exc:
+                if attempt >= retries or isinstance(exc, SessionLost):
+                    raise
+                if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                    raise
+                attempt += 1
+                self._log.info("call.retrying", method=method, attempt=attempt, error=exc.message)
 
     async def _await_result(self, worker: WorkerHandle, pending: PendingCall) -> Any:
         try:
@@ -357,9 +383,18 @@ class Pool:
         """Drop a session's state in its worker; the next call starts it afresh."""
         self._check_fork()
         self._lost_sessions.pop(session, None)
+        self._end_session(session)
+
+    def _end_session(self, session: str) -> None:
+        if self._session_used is not None:
+            self._session_used.pop(session, None)
         worker = self._sessions.pop(session, None)
-        if worker is not None:
-            worker.end_session(session)
+        if worker is None:
+            return
+        worker.end_session(session)
+        if worker.recycle_pending is not None and not worker.sessions:
+            self._recycle(worker, worker.recycle_pending)
+        self._dispatch()
 
     def stats(self) -> PoolStats:
         """A snapshot of the pool's workers, waiters, sessions and counters."""
@@ -376,6 +411,7 @@ class Pool:
             waiting=len(self._queues),
             sessions=len(self._sessions),
             restarts=self._restarts,
+            recycles=self._recycles,
             failed_starts=self._failed_starts,
             failed=self._failed is not None and not any(w.state.accepting for w in self._workers),
             closed=self._state in ("closing", "closed"),
@@ -482,7 +518,7 @@ class Pool:
             why = self._lost_sessions.pop(session, None)
             if why is not None:
                 raise SessionLost(f"session {session!r} is lost: {why}", session=session)
-            home = _router.pick_session_home(self._workers)
+            home = _router.pick_session_home(self._workers, self.config.max_sessions_per_worker)
             if home is None:
                 return None
             self._sessions[session] = home
@@ -585,6 +621,19 @@ class Pool:
         no new calls until it drains, so checkouts cannot starve), then plain
         calls, oldest first.
         """
+        if _worker is not None:
+            limit = _worker.recycle_after
+            if limit is not None and _worker.calls_served >= limit and _worker.state.accepting:
+                self._recycle(_worker, f"served {_worker.calls_served} calls (max_requests)")
+            if (
+                _worker.state is WorkerState.DRAINING
+                and not _worker.inflight
+                and not _worker.closing
+                and self._state == "open"
+            ):
+                self._spawn_task(
+                    _worker.shutdown(self.config.shutdown_grace, self.config.kill_grace), "recycle"
+                )
         queues = self._queues
         workers = self._workers
         if queues.sessions:
@@ -673,6 +722,11 @@ class Pool:
             on_output=self._wake_watchers,
             pool_name=self.name,
         )
+        cfg = self.config
+        if cfg.max_requests is not None:
+            spread = cfg.max_requests * cfg.recycle_jitter
+            worker.recycle_after = max(1, round(cfg.max_requests + random.uniform(-spread, spread)))
+        worker.memory_limit = cfg.max_memory_hard or cfg.max_memory
         self._workers.append(worker)
         return worker
 
@@ -710,16 +764,34 @@ class Pool:
         if worker in self._workers:
             self._workers.remove(worker)
         why = (
-            worker.kill_reason or f"its worker {worker.id} died ({describe_exit(worker.exit_code)})"
+            worker.kill_reason
+            or worker.recycle_reason
+            or f"its worker {worker.id} died ({describe_exit(worker.exit_code)})"
         )
+        hook = self.config.on_session_lost
         for session in worker.sessions:
             if self._sessions.get(session) is worker:
                 del self._sessions[session]
+                if self._session_used is not None:
+                    self._session_used.pop(session, None)
                 if session not in worker.sessions_reported_lost:
                     self._lost_sessions[session] = why
+                self._log.warning("session.lost", session=session, worker_id=worker.id, why=why)
+                if hook is not None:
+                    self._run_hook(
+                        hook,
+                        session,
+                        SessionLost(
+                            f"session {session!r} is lost: {why}",
+                            worker_id=worker.id,
+                            pid=worker.pid,
+                            exit_code=worker.exit_code,
+                            session=session,
+                        ),
+                    )
         while len(self._lost_sessions) > _LOST_SESSIONS_KEPT:
             del self._lost_sessions[next(iter(self._lost_sessions))]
-        if self._state == "open":
+        if self._state == "open" and worker.recycle_reason is None:
             self._recent_deaths.append(time.monotonic())
             if self._wake_supervisor is not None:
                 self._wake_supervisor.set()
@@ -764,20 +836,22 @@ class Pool:
         cfg = self.config
         next_beat = time.monotonic() + cfg.heartbeat_interval
         while self._state == "open":
-            missing = cfg.size - len(self._workers)
+            missing = cfg.size - self._serving_count()
             if missing > 0:
                 delay = self._backoff()
                 if delay:
                     await asyncio.sleep(delay)
                     if self._state != "open":
                         return
-                    missing = cfg.size - len(self._workers)
+                    missing = cfg.size - self._serving_count()
                 for _ in range(max(0, missing)):
                     self._restarts += 1
                     self._spawn_task(self._replace(self._new_worker()), "start")
             now = time.monotonic()
             if now >= next_beat:
                 self._heartbeat(now)
+                self._check_recycling(now)
+                self._expire_sessions(now)
                 next_beat = now + cfg.heartbeat_interval
             wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -790,10 +864,101 @@ class Pool:
             self._start_failed(worker, exc)
             return
         self._consecutive_failures = 0
+        self._check_fresh_memory(worker)
         if self._failed is not None:
             self._log.info("pool.recovered", worker_id=worker.id)
             self._failed = None
         self._dispatch()
+
+    def _serving_count(self) -> int:
+        """Workers that count toward ``size``: not draining or being recycled."""
+        return sum(
+            1 for w in self._workers if w.state is not WorkerState.DRAINING and not w.closing
+        )
+
+    def _recycle(self, worker: WorkerHandle, reason: str, hard: bool = False) -> None:
+        """Make before break: start a replacement, drain this one, then stop it."""
+        if not worker.state.accepting or self._state != "open":
+            return
+        if worker.sessions and not hard:
+            if worker.recycle_pending is None:
+                worker.recycle_pending = reason
+                self._log.info("worker.recycle_waits_for_sessions", worker_id=worker.id)
+            return
+        if worker.leased:
+            worker.recycle_pending = reason  # after the checkout ends
+            return
+        worker.drain(reason)
+        self._recycles += 1
+        if self._wake_supervisor is not None:
+            self._wake_supervisor.set()
+        self._dispatch(worker)
+
+    def _check_recycling(self, now: float) -> None:
+        cfg = self.config
+        for worker in list(self._workers):
+            if not worker.state.accepting:
+                continue
+            if worker.recycle_pending is not None and not worker.sessions and not worker.leased:
+                self._recycle(worker, worker.recycle_pending)
+                continue
+            if (
+                cfg.max_lifetime is not None
+                and worker.ready_at is not None
+                and now - worker.ready_at > cfg.max_lifetime
+            ):
+                self._recycle(worker, f"older than max_lifetime={cfg.max_lifetime}s")
+                continue
+            if cfg.max_memory is None and cfg.max_memory_hard is None:
+                continue
+            rss = worker.sample_rss()
+            if rss is None or worker.memory_exempt:
+                continue
+            if cfg.max_memory_hard is not None and rss > cfg.max_memory_hard:
+                self._recycle(worker, f"RSS {rss} bytes over max_memory_hard", hard=True)
+            elif cfg.max_memory is not None and rss > cfg.max_memory:
+                self._recycle(worker, f"RSS {rss} bytes over max_memory")
+
+    def _check_fresh_memory(self, worker: WorkerHandle) -> None:
+        """A worker over its memory limit from the start is a configuration error."""
+        limit = self.config.max_memory
+        if limit is None:
+            return
+        rss = worker.sample_rss()
+        if rss is not None and rss > limit:
+            worker.memory_exempt = True
+            self._log.error(
+                "worker.over_memory_limit_when_fresh",
+                worker_id=worker.id,
+                rss=rss,
+                max_memory=limit,
+                hint="raise max_memory: recycling cannot bring this worker under it",
+            )
+
+    def _expire_sessions(self, now: float) -> None:
+        ttl = self.config.session_ttl
+        if ttl is None or self._session_used is None:
+            return
+        expired = [s for s, used in self._session_used.items() if now - used > ttl]
+        for session in expired:
+            self._log.info("session.expired", session=session, idle_seconds=ttl)
+            self._end_session(session)
+
+    def _run_hook(self, hook: Callable[..., Any], *args: Any) -> None:
+        try:
+            outcome = hook(*args)
+        except Exception:  # noqa: BLE001 - an application hook must not break the pool
+            self._log.exception("pool.hook_failed", hook=getattr(hook, "__name__", repr(hook)))
+            return
+        if inspect.isawaitable(outcome):
+
+            async def finish() -> None:
+                try:
+                    await outcome
+                except Exception:  # noqa: BLE001 - logged; the pool goes on
+                    self._log.exception("pool.hook_failed", hook=getattr(hook, "__name__", "?"))
+
+            self._spawn_task(finish(), "hook")
 
     def _heartbeat(self, now: float) -> None:
         timeout = self.config.heartbeat_timeout

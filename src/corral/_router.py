@@ -7,7 +7,8 @@ Owns: the placement rules of API.md, in one place, numbered:
   2. A plain call goes to the worker with the fewest calls in flight; ties go to
      the earliest worker, so a lightly loaded pool reuses warm workers.
   3. A new session goes to the accepting worker holding the fewest sessions,
-     ties broken by calls in flight, so sessions spread even on an idle pool.
+     ties broken by calls in flight, so sessions spread even on an idle pool;
+     a worker already holding ``max_sessions_per_worker`` takes no new one.
   4. A known session goes only to the worker that holds it (the pool waits for it).
   5. While a checkout waits and no worker is idle, the accepting worker with the
      fewest calls in flight is claimed: it takes no new calls, drains, and goes
@@ -65,14 +66,17 @@ def pick_for_call(workers: Iterable[W], exclusive: bool = False) -> W | None:
     return best
 
 
-def pick_session_home(workers: Iterable[W]) -> W | None:
-    """Rule 3: None when no worker is accepting."""
+def pick_session_home(workers: Iterable[W], max_sessions: int | None = None) -> W | None:
+    """Rule 3: None when no accepting worker has room for another session."""
     best: W | None = None
     best_key = (0, 0)
     for worker in workers:
         if not worker.state.accepting:
             continue
-        key = (len(worker.sessions), worker.inflight)
+        held = len(worker.sessions)
+        if max_sessions is not None and held >= max_sessions:
+            continue
+        key = (held, worker.inflight)
         if best is None or key < best_key:
             best, best_key = worker, key
     return best

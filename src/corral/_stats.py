@@ -25,7 +25,8 @@ class PoolStats:
     inflight: int  #: calls in flight over all workers
     waiting: int  #: callers waiting for a worker
     sessions: int  #: sessions pinned to live workers
-    restarts: int  #: workers started to replace one that died
+    restarts: int  #: workers started to replace one that died or was recycled
+    recycles: int  #: workers retired by max_requests, max_lifetime or max_memory
     failed_starts: int  #: workers that never became ready
     failed: bool  #: too many failed starts and no live worker: calls fail fast
     closed: bool

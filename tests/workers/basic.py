@@ -246,3 +246,38 @@ def segfault() -> None:
     import ctypes
 
     ctypes.string_at(0)
+
+
+@app.handler
+def crash_once(marker: str) -> str:
+    """Dies the first time (leaving a marker file), succeeds afterwards."""
+    if not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write("crashed")
+        os._exit(1)
+    return "ok"
+
+
+_ballast: list[bytearray] = []
+
+
+@app.handler
+def allocate(megabytes: int) -> int:
+    block = bytearray(megabytes * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1  # touch every page so it counts in RSS
+    _ballast.append(block)
+    return len(_ballast)
+
+
+_session_ends: list[str] = []
+
+
+@app.on_session_end
+def _session_ended(session_id: str, state: dict) -> None:
+    _session_ends.append(session_id)
+
+
+@app.handler
+def ended_sessions() -> list[str]:
+    return list(_session_ends)
