@@ -117,3 +117,25 @@ async def test_max_sessions_per_worker_makes_new_sessions_wait() -> None:
         assert not waiting.done()
         await pool.close_session("a")
         assert (await waiting)["pid"] == a["pid"]
+
+
+async def test_reload_replaces_every_worker_without_failing_a_call() -> None:
+    async with Pool(TARGET, size=2) as pool:
+        before = {w.pid for w in pool.workers}
+        stop = asyncio.Event()
+        results: list[object] = []
+
+        async def traffic() -> None:
+            n = 0
+            while not stop.is_set():
+                results.append(await pool.call("echo", n) == n)
+                n += 1
+
+        callers = [asyncio.ensure_future(traffic()) for _ in range(4)]
+        await pool.reload(timeout=20)
+        stop.set()
+        await asyncio.gather(*callers)
+        assert results and all(results)
+        assert pool.stats().calls_failed == {}
+        assert not before & {w.pid for w in pool.workers}
+        assert pool.stats().ready == 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import contextlib
 import inspect
 import itertools
@@ -66,6 +67,10 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _is_dead(worker: WorkerHandle) -> bool:
+    return worker.state is WorkerState.DEAD
 
 
 class _Waiter:
@@ -418,6 +423,24 @@ class Pool:
             calls_ok=self._calls_ok,
             calls_failed=dict(self._calls_failed),
         )
+
+    async def reload(self, *, timeout: float | None = 120.0) -> None:
+        """Replace every worker, one at a time, without failing a call.
+
+        Each worker in turn stops taking calls, finishes the ones it has, and is
+        replaced by a fresh one started from the same target (so new code or a
+        new model is picked up). Sessions held by a replaced worker are lost:
+        their next call gets SessionLost. ``timeout`` bounds each replacement.
+        """
+        self._check_open()
+        for worker in [w for w in self._workers if w.state.accepting]:
+            if worker not in self._workers or not worker.state.accepting:
+                continue
+            self._recycle(worker, "reload", hard=True)
+            self._log.info("pool.reloading", worker_id=worker.id)
+            if not await self._wait_until(functools.partial(_is_dead, worker), timeout):
+                raise PoolTimeout(f"worker {worker.id} did not finish its calls within {timeout}s")
+            await self.wait_ready(timeout=timeout)
 
     async def wait_ready(self, count: int | None = None, *, timeout: float | None = None) -> None:
         """Wait until ``count`` workers (default: ``size``) are ready to take calls.
