@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import contextlib
+import functools
 import inspect
 import itertools
 import os
