@@ -117,3 +117,24 @@ def test_a_forked_child_cannot_use_the_pool_nor_keep_its_workers_alive() -> None
                 os.kill(child_pid, signal.SIGKILL)
         if parent.stdout:
             parent.stdout.close()
+
+
+async def test_math_libraries_get_one_thread_per_worker_unless_told(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    async with Pool(TARGET, size=1, env={"NUMEXPR_NUM_THREADS": "2"}) as pool:
+        got = await pool.call(
+            "environ", ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"]
+        )
+    assert got == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "3", "NUMEXPR_NUM_THREADS": "2"}
+
+
+async def test_worker_rlimits_are_applied_from_the_parent() -> None:
+    async with Pool(TARGET, size=1, worker_rlimits={"nofile": 256, "core": 0}) as pool:
+        limits = await pool.call("rlimits", ["RLIMIT_NOFILE", "RLIMIT_CORE"])
+    assert limits == {"RLIMIT_NOFILE": [256, 256], "RLIMIT_CORE": [0, 0]}
+
+
+def test_unknown_rlimits_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown worker_rlimits"):
+        Pool(TARGET, worker_rlimits={"stack_of_pancakes": 1})

@@ -30,6 +30,12 @@ class PoolConfig:
     #: When set, workers inherit only these variables of the parent's environment
     #: (plus ``env``), so secrets elsewhere in it never reach worker processes.
     env_allowlist: Sequence[str] | None = None
+    #: Set OMP/OpenBLAS/MKL/numexpr thread counts to 1 in each worker unless the
+    #: parent or ``env`` sets them: N workers x N BLAS threads oversubscribes the CPUs.
+    single_threaded_math: bool = True
+    #: Resource limits applied to each worker process from the parent, by name:
+    #: ``{"cpu": seconds, "nofile": count, "core": bytes, "nproc": count}``.
+    worker_rlimits: Mapping[str, int] = field(default_factory=dict)
     #: Working directory of the workers; None means the parent's.
     cwd: str | None = None
     #: Calls one worker may have in flight at once (pipelining). Sync handlers
@@ -127,6 +133,10 @@ class PoolConfig:
         ):
             positive(name, getattr(self, name))
         object.__setattr__(self, "env", dict(self.env))
+        unknown = set(self.worker_rlimits) - {"cpu", "nofile", "core", "nproc", "as", "data"}
+        if unknown:
+            raise ValueError(f"unknown worker_rlimits {sorted(unknown)}")
+        object.__setattr__(self, "worker_rlimits", dict(self.worker_rlimits))
         if self.env_allowlist is not None:
             if isinstance(self.env_allowlist, str):
                 raise ValueError("env_allowlist must be a sequence of names, not a string")

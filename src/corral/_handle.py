@@ -18,7 +18,7 @@ import collections
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import structlog
@@ -164,6 +164,7 @@ class WorkerHandle:
         on_exit: Callable[[WorkerHandle], None],
         pool_name: str,
         on_output: Callable[[WorkerHandle], None] | None = None,
+        rlimits: Mapping[str, int] | None = None,
     ) -> None:
         self.spec = spec
         self.id = spec.worker_id
@@ -173,6 +174,7 @@ class WorkerHandle:
         self._on_capacity = on_capacity
         self._on_exit = on_exit
         self._on_output = on_output
+        self._rlimits = dict(rlimits or {})
         self._loop = asyncio.get_running_loop()
         self.state = WorkerState.STARTING
         self.pid: int | None = None  # the worker's own pid, from its Hello
@@ -276,6 +278,8 @@ class WorkerHandle:
                 )
             self.pid = hello.pid
             self.handlers = tuple(hello.handlers)
+            if self._rlimits:
+                self._apply_rlimits(hello.pid)
             self.ready_at = time.monotonic()
             self.last_pong = self.ready_at
             self._set_state(WorkerState.READY)
@@ -301,6 +305,22 @@ class WorkerHandle:
             exit_code=self.exit_code,
             stderr_tail=self.stderr_tail,
         )
+
+    def _apply_rlimits(self, pid: int) -> None:
+        """Limit the worker from outside (prlimit): no code runs in the child for it."""
+        import resource
+
+        for name, value in self._rlimits.items():
+            limit = getattr(resource, f"RLIMIT_{name.upper()}")
+            try:
+                resource.prlimit(pid, limit, (value, value))
+            except (OSError, ValueError) as exc:
+                self.kill(f"cannot apply worker_rlimits {name}={value}: {exc}")
+                raise WorkerStartError(
+                    f"cannot apply worker_rlimits {name}={value} to worker {self.id}: {exc}",
+                    worker_id=self.id,
+                    pid=pid,
+                ) from exc
 
     def _mark_dead_without_process(self) -> None:
         self.state = WorkerState.DEAD

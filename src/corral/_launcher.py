@@ -37,6 +37,13 @@ __all__ = [
 
 SHEPHERD = str(Path(__file__).with_name("_shepherd.py"))
 SYS_PATH_ENV = "CORRAL_SYS_PATH"
+MATH_THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 # Runs in the worker before anything else, so that corral itself (and the
 # target) import the way they do in the parent, whatever sys.path that took.
 _BOOTSTRAP = (
@@ -59,6 +66,7 @@ class WorkerSpec:
     cwd: str | None = None
     max_message_size: int = 0
     env_allowlist: tuple[str, ...] | None = None  # None: inherit the whole environment
+    single_threaded_math: bool = True
 
     def command(self, read_fd: int, write_fd: int, control_fd: int) -> list[str]:
         """The worker's argv (without the shepherd in front)."""
@@ -81,6 +89,9 @@ class WorkerSpec:
         else:
             inherited = {k: os.environ[k] for k in self.env_allowlist if k in os.environ}
         env = {**inherited, **self.env}
+        if self.single_threaded_math:
+            for name in MATH_THREAD_VARIABLES:
+                env.setdefault(name, "1")
         if self.python is None:
             env[SYS_PATH_ENV] = json.dumps([p or os.getcwd() for p in sys.path])
         return env

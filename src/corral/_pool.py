@@ -732,6 +732,7 @@ class Pool:
             python=self.config.python,
             env=self.config.env,
             env_allowlist=cast("tuple[str, ...] | None", self.config.env_allowlist),
+            single_threaded_math=self.config.single_threaded_math,
             cwd=self.config.cwd,
             max_message_size=self.config.max_message_size,
         )
@@ -744,6 +745,7 @@ class Pool:
             on_exit=self._worker_exited,
             on_output=self._wake_watchers,
             pool_name=self.name,
+            rlimits=self.config.worker_rlimits,
         )
         cfg = self.config
         if cfg.max_requests is not None:

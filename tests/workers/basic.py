@@ -281,3 +281,10 @@ def _session_ended(session_id: str, state: dict) -> None:
 @app.handler
 def ended_sessions() -> list[str]:
     return list(_session_ends)
+
+
+@app.handler
+def rlimits(names: list[str]) -> dict[str, list[int]]:
+    import resource
+
+    return {name: list(resource.getrlimit(getattr(resource, name))) for name in names}
