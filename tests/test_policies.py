@@ -139,3 +139,28 @@ async def test_reload_replaces_every_worker_without_failing_a_call() -> None:
         assert pool.stats().calls_failed == {}
         assert not before & {w.pid for w in pool.workers}
         assert pool.stats().ready == 2
+
+
+async def test_an_elastic_pool_grows_while_callers_wait_and_shrinks_when_idle() -> None:
+    async with Pool(
+        TARGET,
+        size=1,
+        max_size=3,
+        max_concurrency=1,
+        idle_timeout=0.3,
+        max_spawn_rate=50,
+        heartbeat_interval=0.05,
+    ) as pool:
+        calls = [asyncio.ensure_future(pool.call("sleep", 0.6)) for _ in range(6)]
+        assert await pool._wait_until(lambda: pool.stats().ready == 3, 10)
+        assert pool.stats().size == 3
+        assert await asyncio.gather(*calls) == [0.6] * 6
+        assert await pool._wait_until(lambda: pool.stats().live == 1, 10)
+        assert pool.stats().size == 1
+        assert pool.stats().calls_failed == {}
+        assert await pool.call("add", 1, 1) == 2
+
+
+def test_elastic_bounds_are_checked() -> None:
+    with pytest.raises(ValueError, match="min_size <= size <= max_size"):
+        Pool(TARGET, size=4, max_size=2)

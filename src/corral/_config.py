@@ -23,6 +23,14 @@ class PoolConfig:
 
     #: Worker processes to keep running. Default: the number of CPUs.
     size: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: Elastic size: the pool starts ``size`` workers, grows up to ``max_size``
+    #: while callers wait (at most ``max_spawn_rate`` starts a second), and
+    #: retires workers idle for ``idle_timeout`` down to ``min_size``. Both
+    #: default to ``size``: a fixed pool.
+    min_size: int | None = None
+    max_size: int | None = None
+    idle_timeout: float = 60.0
+    max_spawn_rate: float = 4.0
     #: Interpreter for the workers; None means the parent's, with its sys.path.
     python: str | None = None
     #: Added to (or overriding) the parent's environment in each worker.
@@ -95,6 +103,11 @@ class PoolConfig:
 
         if not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"size must be a positive int, got {self.size!r}")
+        if not 0 <= self.smallest <= self.size <= self.largest:
+            raise ValueError(
+                f"need 0 <= min_size <= size <= max_size, got {self.smallest}, {self.size}, "
+                f"{self.largest}"
+            )
         if not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
             raise ValueError(
                 f"max_concurrency must be a positive int, got {self.max_concurrency!r}"
@@ -130,6 +143,8 @@ class PoolConfig:
             "restart_backoff_max",
             "heartbeat_interval",
             "heartbeat_timeout",
+            "idle_timeout",
+            "max_spawn_rate",
         ):
             positive(name, getattr(self, name))
         object.__setattr__(self, "env", dict(self.env))
@@ -141,6 +156,16 @@ class PoolConfig:
             if isinstance(self.env_allowlist, str):
                 raise ValueError("env_allowlist must be a sequence of names, not a string")
             object.__setattr__(self, "env_allowlist", tuple(self.env_allowlist))
+
+    @property
+    def smallest(self) -> int:
+        """The elastic floor: ``min_size``, or ``size`` when unset."""
+        return self.size if self.min_size is None else self.min_size
+
+    @property
+    def largest(self) -> int:
+        """The elastic ceiling: ``max_size``, or ``size`` when unset."""
+        return self.size if self.max_size is None else self.max_size
 
     def replace(self, **changes: object) -> PoolConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -195,6 +195,7 @@ class WorkerHandle:
         self.calls_served = 0
         self.started_at = time.monotonic()
         self.ready_at: float | None = None
+        self.idle_since = self.started_at  # when it last had nothing in flight
         self.kill_reason: str | None = None
         self.closing = False  # the pool is shutting this worker down
         self._pending: dict[int, PendingCall] = {}
@@ -231,9 +232,13 @@ class WorkerHandle:
             self.state = new
 
     def _refresh_busy(self) -> None:
-        if self.state.accepting:
-            busy = self.leased or self.inflight > 0
-            self._set_state(WorkerState.BUSY if busy else WorkerState.READY)
+        state = self.state
+        if state.accepting:
+            if self.leased or self.inflight > 0:
+                self._set_state(WorkerState.BUSY)
+            elif state is WorkerState.BUSY:
+                self._set_state(WorkerState.READY)
+                self.idle_since = time.monotonic()
 
     def _error_context(self, pending: PendingCall | None = None) -> dict[str, Any]:
         context: dict[str, Any] = {"worker_id": self.id, "pid": self.pid}
@@ -281,6 +286,7 @@ class WorkerHandle:
             if self._rlimits:
                 self._apply_rlimits(hello.pid)
             self.ready_at = time.monotonic()
+            self.idle_since = self.ready_at
             self.last_pong = self.ready_at
             self._set_state(WorkerState.READY)
             self._log = self._log.bind(pid=self.pid)

@@ -211,6 +211,8 @@ class Pool:
         self._recent_deaths: collections.deque[float] = collections.deque()
         self._watchers: list[asyncio.Future[None]] = []  # woken on any change
         self._recycles = 0
+        self._target = self.config.size  # workers wanted now: min_size..max_size
+        self._last_grow = 0.0
         # session -> last use (monotonic), kept only when session_ttl is set
         self._session_used: dict[str, float] | None = (
             {} if self.config.session_ttl is not None else None
@@ -405,7 +407,7 @@ class Pool:
         """A snapshot of the pool's workers, waiters, sessions and counters."""
         counts = collections.Counter(w.state for w in self._workers)
         return PoolStats(
-            size=self.config.size,
+            size=self._target,
             starting=counts[WorkerState.STARTING],
             idle=counts[WorkerState.READY],
             busy=counts[WorkerState.BUSY],
@@ -448,7 +450,7 @@ class Pool:
         Raises PoolTimeout past ``timeout``, PoolClosed if the pool closes, and
         PoolFailed if it fails while waiting.
         """
-        want = self.config.size if count is None else count
+        want = self._target if count is None else count
 
         def ready() -> bool:
             self._check_open()
@@ -571,6 +573,8 @@ class Pool:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), session, exclusive, method)
         queues.add(waiter, self._sessions.get(session) if session is not None else None)
+        if self._target < self.config.largest and self._wake_supervisor is not None:
+            self._wake_supervisor.set()  # callers wait: the pool may grow
         self._dispatch()
         timer = None
         if deadline is not None and not waiter.future.done():
@@ -829,8 +833,8 @@ class Pool:
         while self._recent_deaths and self._recent_deaths[0] < now - 1.0:
             self._recent_deaths.popleft()
         exponent = self._consecutive_failures
-        if len(self._recent_deaths) > cfg.size:  # a crash storm: slow down replacements
-            exponent = max(exponent, len(self._recent_deaths) - cfg.size)
+        if len(self._recent_deaths) > self._target:  # a crash storm: slow down replacements
+            exponent = max(exponent, len(self._recent_deaths) - self._target)
         if exponent == 0:
             return 0.0
         return float(min(cfg.restart_backoff_max, cfg.restart_backoff * 2 ** (exponent - 1)))
@@ -861,14 +865,16 @@ class Pool:
         cfg = self.config
         next_beat = time.monotonic() + cfg.heartbeat_interval
         while self._state == "open":
-            missing = cfg.size - self._serving_count()
+            now = time.monotonic()
+            next_grow = self._maybe_grow(now)
+            missing = self._target - self._serving_count()
             if missing > 0:
                 delay = self._backoff()
                 if delay:
                     await asyncio.sleep(delay)
                     if self._state != "open":
                         return
-                    missing = cfg.size - self._serving_count()
+                    missing = self._target - self._serving_count()
                 for _ in range(max(0, missing)):
                     self._restarts += 1
                     self._spawn_task(self._replace(self._new_worker()), "start")
@@ -877,10 +883,12 @@ class Pool:
                 self._heartbeat(now)
                 self._check_recycling(now)
                 self._expire_sessions(now)
+                self._retire_idle(now)
                 next_beat = now + cfg.heartbeat_interval
             wake.clear()
+            until = min(next_beat, next_grow) if next_grow is not None else next_beat
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), max(0.0, next_beat - time.monotonic()))
+                await asyncio.wait_for(wake.wait(), max(0.0, until - time.monotonic()))
 
     async def _replace(self, worker: WorkerHandle) -> None:
         try:
@@ -890,10 +898,43 @@ class Pool:
             return
         self._consecutive_failures = 0
         self._check_fresh_memory(worker)
+        if self._wake_supervisor is not None:
+            self._wake_supervisor.set()  # callers may still wait: grow again?
         if self._failed is not None:
             self._log.info("pool.recovered", worker_id=worker.id)
             self._failed = None
         self._dispatch()
+
+    def _maybe_grow(self, now: float) -> float | None:
+        """Add a worker while callers wait, rate-limited; returns when to look again."""
+        cfg = self.config
+        if not len(self._queues) or self._target >= cfg.largest:
+            return None
+        if any(w.state is WorkerState.STARTING for w in self._workers):
+            return None  # one start at a time; the next look comes when it is ready
+        allowed_at = self._last_grow + 1.0 / cfg.max_spawn_rate
+        if now < allowed_at:
+            return allowed_at
+        self._target += 1
+        self._last_grow = now
+        self._log.info("pool.growing", size=self._target, waiting=len(self._queues))
+        return None
+
+    def _retire_idle(self, now: float) -> None:
+        """Stop workers idle past idle_timeout while the pool is above min_size."""
+        cfg = self.config
+        for worker in list(self._workers):
+            if self._target <= cfg.smallest:
+                return
+            if (
+                worker.state is WorkerState.READY
+                and not worker.sessions
+                and not worker.claimed
+                and now - worker.idle_since > cfg.idle_timeout
+            ):
+                self._target -= 1
+                worker.drain(f"idle for {now - worker.idle_since:.1f}s (idle_timeout)")
+                self._dispatch(worker)
 
     def _serving_count(self) -> int:
         """Workers that count toward ``size``: not draining or being recycled."""
