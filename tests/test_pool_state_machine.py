@@ -39,6 +39,8 @@ class PoolMachine(RuleBasedStateMachine):
             cancel_grace=0.3,
             max_message_size=64 * 1024,
             restart_backoff=0.01,
+            heartbeat_interval=0.05,
+            heartbeat_timeout=0.5,
         )
         self.runner.run(self.pool.start())
         self.background: list[tuple[asyncio.Future[object], int]] = []
@@ -71,6 +73,24 @@ class PoolMachine(RuleBasedStateMachine):
         if info.value.pid is not None:
             self.evicted_pids.add(info.value.pid)
         self.session_values.clear()  # any session may have lived there
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def call_writes_garbage(self) -> None:
+        with pytest.raises(corral.ProtocolError) as info:
+            self.run(self.pool.call("write_garbage_to_wire"))
+        if info.value.pid is not None:
+            self.evicted_pids.add(info.value.pid)
+        self.session_values.clear()
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def call_hangs_holding_the_gil(self) -> None:
+        with pytest.raises(corral.WorkerCrashed, match="missed heartbeats") as info:
+            self.run(self.pool.call("hold_the_gil"))
+        if info.value.pid is not None:
+            self.evicted_pids.add(info.value.pid)
+        self.session_values.clear()
 
     @precondition(lambda self: not self.closed)
     @rule()
@@ -227,6 +247,21 @@ class PoolMachine(RuleBasedStateMachine):
                 w.state is WorkerState.READY and not w.claimed and not w.leased
                 for w in self.pool.workers
             )
+
+    @invariant()
+    def the_os_agrees_with_the_pool(self) -> None:
+        children = {
+            c.pid
+            for c in psutil.Process().children()
+            if c.status() != psutil.STATUS_ZOMBIE
+        }
+        launched = {w._launched.pid for w in self.pool.workers if w._launched is not None}
+        spawning = sum(w._launched is None for w in self.pool.workers)  # pid not known yet
+        unknown = children - launched
+        assert len(unknown) <= spawning, (children, launched)  # no process the pool forgot
+        for worker in self.pool.workers:
+            if worker.state.accepting and worker._launched is not None:
+                assert worker._launched.pid in children  # every serving worker is real
 
     def teardown(self) -> None:
         try:
