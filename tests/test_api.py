@@ -1,4 +1,4 @@
-"""Every example of API.md, as written, against real worker processes."""
+"""Every example of the public API contract, as written, against real worker processes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One test per row of API.md's error table, plus the details every error carries."""
+"""One test per row of the public error table, plus the details every error carries."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ async def test_env_allowlist_keeps_other_variables_out_of_the_worker(monkeypatch
 async def test_only_stdio_and_the_protocol_pipes_are_open_in_the_worker() -> None:
     async with Pool(TARGET, size=1) as pool:
         fds = await pool.call("open_fds")
-        # 0, 1 (= stderr), 2, the two protocol pipes; plus what the worker's own
+        # 0, 1 (= stderr), 2, the three protocol pipes; plus what the worker's own
         # event loop opened (epoll and its self-pipe socketpair).
         pipes = [fd for fd, target in fds.items() if target.startswith("pipe:")]
         assert set(pipes) == {1, 2, *await pool.call("wire_fds")}

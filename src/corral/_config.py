@@ -47,8 +47,8 @@ class PoolConfig:
     #: Working directory of the workers; None means the parent's.
     cwd: str | None = None
     #: Calls one worker may have in flight at once (pipelining). Sync handlers
-    #: still run one at a time; the queue lives in the worker, which saves a
-    #: round trip per call.
+    #: still run one at a time; calls sent ahead wait in the worker's pipe, so
+    #: the next one starts without a round trip.
     max_concurrency: int = 16
     #: Default deadline of call() and stream() when no timeout= is given.
     call_timeout: float | None = None

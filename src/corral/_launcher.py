@@ -2,7 +2,7 @@
 
 Owns: building the worker's command line and environment, spawning it under a
 shepherd (see ``_shepherd.py``) in a new session, the descriptors it gets (the
-two protocol pipes and the lifeline, nothing else), and the signals that stop
+protocol pipes (calls, replies, control) and the lifeline, nothing else), and the signals that stop
 it. Must not touch: what travels on the protocol pipes (``_transport``) or what
 the messages mean (``_handle``). A launcher that places workers elsewhere (a
 cluster) offers the same ``Launcher``/``LaunchedWorker`` surface.
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ._errors import ProtocolError, WorkerStartError
 from ._framing import FrameDecoder, FrameEncoder
@@ -137,8 +137,8 @@ class _ShepherdProtocol(asyncio.SubprocessProtocol):
         self.transport: asyncio.SubprocessTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self.transport = transport
+        # Duck-typed: uvloop's process transport is not an asyncio subclass.
+        self.transport = cast(asyncio.SubprocessTransport, transport)
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         if fd == 2:
@@ -168,7 +168,7 @@ class _LocalWorker:
         self.connection = connection
         self._lifeline = lifeline
         self._pid = transport.get_pid()
-        self._parent_fds = (*parent_fds, lifeline)
+        self._parent_fds = parent_fds
 
     @property
     def pid(self) -> int:
@@ -202,10 +202,20 @@ class _LocalWorker:
         The child must not keep the lifeline open (the workers would outlive the
         parent) nor the protocol pipes (they belong to the parent).
         """
-        for fd in self._parent_fds:
+        # The lifeline is ours alone: close it. The pipe descriptors belong to
+        # file objects that may close them later; point them at /dev/null instead,
+        # so such a late close can never hit a descriptor the child reused.
+        if self._lifeline >= 0:
             with contextlib.suppress(OSError):
-                os.close(fd)
-        self._lifeline = -1
+                os.close(self._lifeline)
+            self._lifeline = -1
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            for fd in self._parent_fds:
+                with contextlib.suppress(OSError):
+                    os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
 
     def close(self) -> None:
         self._close_lifeline()

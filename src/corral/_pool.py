@@ -333,8 +333,7 @@ class Pool:
         attempt = 0
         while True:
             worker = await self._acquire(session, False, deadline, method)
-            if self._session_used is not None and session is not None:
-                self._session_used[session] = time.monotonic()
+            self._touch_session(session)
             try:
                 pending = worker.send_call(method, args, kwargs, session=session, deadline=deadline)
             except SessionLost:
@@ -347,6 +346,7 @@ class Pool:
                     raise
                 if deadline is not None and asyncio.get_running_loop().time() >= deadline:
                     raise
+                self._calls_failed[type(exc).__name__] -= 1  # not failed: tried again
                 attempt += 1
                 self._log.info("call.retrying", method=method, attempt=attempt, error=exc.message)
 
@@ -391,6 +391,11 @@ class Pool:
         self._check_fork()
         self._lost_sessions.pop(session, None)
         self._end_session(session)
+
+    def _touch_session(self, session: str | None) -> None:
+        """Note that a session is in use now (for session_ttl)."""
+        if self._session_used is not None and session is not None:
+            self._session_used[session] = time.monotonic()
 
     def _end_session(self, session: str) -> None:
         if self._session_used is not None:
@@ -468,6 +473,7 @@ class Pool:
 
         Raises PoolTimeout past ``timeout``.
         """
+        self._check_fork()
         if not await self._wait_until(lambda: not any(w.inflight for w in self._workers), timeout):
             raise PoolTimeout(f"calls still in flight after {timeout}s")
 
@@ -805,6 +811,8 @@ class Pool:
                     self._session_used.pop(session, None)
                 if session not in worker.sessions_reported_lost:
                     self._lost_sessions[session] = why
+                if self._state != "open":
+                    continue  # the pool is closing: nothing is lost that was not let go
                 self._log.warning("session.lost", session=session, worker_id=worker.id, why=why)
                 if hook is not None:
                     self._run_hook(
@@ -1136,6 +1144,7 @@ class _Checkout:
                 raise ValueError(f"timeout must be > 0, got {self._timeout!r}")
             deadline = asyncio.get_running_loop().time() + self._timeout
         worker = await pool._acquire(self._session, True, deadline, None)
+        pool._touch_session(self._session)
         self._lease = WorkerLease(pool, worker, self._session)
         return self._lease
 
@@ -1150,6 +1159,7 @@ class _Checkout:
         lease, self._lease = self._lease, None
         if lease is not None:
             lease._release()
+            self._pool._touch_session(self._session)
 
 
 class CallStream:
@@ -1214,6 +1224,7 @@ class CallStream:
         else:
             worker = await pool._acquire(self._session, False, self._deadline, self._method)
             reserved = True
+        pool._touch_session(self._session)
         self._worker = worker
         try:
             self._pending = worker.send_call(

@@ -1,6 +1,6 @@
 """Placement: which worker takes a call. Pure functions, no I/O, no mutation.
 
-Owns: the placement rules of API.md, in one place, numbered:
+Owns: the placement rules, in one place, numbered (see docs/decisions/0004):
   1. A worker can take a call when it is accepting (ready or busy), is not
      leased by a checkout, has no unacknowledged Cancel, and has a free slot
      (fewer than ``max_concurrency`` calls in flight); a checkout needs it idle.

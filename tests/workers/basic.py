@@ -1,4 +1,4 @@
-"""The worker app of API.md's examples, plus handlers that misbehave on purpose."""
+"""The worker app of the public API examples, plus handlers that misbehave on purpose."""
 
 from __future__ import annotations
 
@@ -288,3 +288,21 @@ def rlimits(names: list[str]) -> dict[str, list[int]]:
     import resource
 
     return {name: list(resource.getrlimit(getattr(resource, name))) for name in names}
+
+
+@app.handler
+def nested_asyncio_run(value: int) -> int:
+    """A sync handler that runs an event loop of its own, as library code may."""
+
+    async def double() -> int:
+        await asyncio.sleep(0)
+        return value * 2
+
+    return asyncio.run(double())
+
+
+@app.handler
+def thread_name() -> str:
+    import threading
+
+    return threading.current_thread().name

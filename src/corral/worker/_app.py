@@ -61,7 +61,10 @@ class Context:
     @property
     def cancelled(self) -> bool:
         """True once the call was cancelled or its deadline passed."""
-        return self._cancelled
+        if self._cancelled:
+            return True
+        deadline = self.deadline
+        return deadline is not None and time.monotonic() >= deadline
 
     def _cancel(self) -> None:
         self._cancelled = True
@@ -81,6 +84,9 @@ class Context:
             self._cancel_event = threading.Event()
             if self._cancelled:
                 self._cancel_event.set()
+        left = self.time_left()
+        if left is not None and (timeout is None or left < timeout):
+            return self._cancel_event.wait(left) or self.cancelled
         return self._cancel_event.wait(timeout)
 
     def __repr__(self) -> str:
@@ -150,8 +156,19 @@ class App:
     ... def add(a, b): return a + b
     """
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, *, sync_mode: str = "auto") -> None:
+        """``sync_mode`` says where sync handlers run; all of them on one thread:
+
+        - ``"inline"``: on the worker's main thread, the one its event loop runs
+          on (fastest: no thread hop; async handlers wait while one runs);
+        - ``"thread"``: on a dedicated thread, so async handlers keep running;
+        - ``"auto"`` (default): inline for an app without async handlers, else
+          on the thread.
+        """
+        if sync_mode not in ("auto", "inline", "thread"):
+            raise ValueError(f"sync_mode must be 'auto', 'inline' or 'thread', got {sync_mode!r}")
         self.name = name
+        self.sync_mode = sync_mode
         self.handlers: dict[str, Handler] = {}
         self.startup_hooks: list[Callable[[], Any]] = []
         self.shutdown_hooks: list[Callable[[], Any]] = []
@@ -181,6 +198,12 @@ class App:
             raise ValueError(f"a handler named {name!r} is already registered")
         self.handlers[name] = Handler(name, fn)
         return fn
+
+    @property
+    def has_async_handlers(self) -> bool:
+        return any(
+            h.kind in (HandlerKind.ASYNC, HandlerKind.ASYNC_GEN) for h in self.handlers.values()
+        )
 
     def on_startup(self, fn: F) -> F:
         """Run once per worker before it reports ready; may be async."""

@@ -65,6 +65,7 @@ __all__ = ["WorkerRuntime", "run_hooks", "serve"]
 _NOT_FOUND_LISTED = 8
 _DONE = object()
 _EAGER_TASKS = sys.version_info >= (3, 12)
+_set_running_loop = asyncio.events._set_running_loop
 
 
 class _Running:
@@ -132,8 +133,11 @@ class WorkerRuntime:
         self._running: dict[int, _Running] = {}
         self._max_seen_id = 0
         self._early_cancels: set[int] = set()
-        # Loop thread only:
-        self._async_inflight = 0
+        # Loop thread only. All sync user code runs on one thread: the loop's
+        # (inline) when the app has no async handlers, else the sync lane's.
+        self._inline_sync = app.sync_mode == "inline" or (
+            app.sync_mode == "auto" and not app.has_async_handlers
+        )
         self._lane_busy = 0
         self._lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="corral-sync")
         self._loop = asyncio.get_running_loop()
@@ -224,76 +228,71 @@ class WorkerRuntime:
 
     # --- calls (loop thread) --------------------------------------------------
 
+    def _refusal(self, call: Call, handler: Handler | None) -> Error | None:
+        """Why this call cannot start, as its Error frame; None if it can."""
+        if handler is None:
+            known = sorted(self.app.handlers)
+            listed = ", ".join(repr(n) for n in known[:_NOT_FOUND_LISTED])
+            extra = len(known) - _NOT_FOUND_LISTED
+            more = f" and {extra} more" if extra > 0 else ""
+            return Error(
+                call.id,
+                ErrorKind.METHOD_NOT_FOUND,
+                "MethodNotFound",
+                f"no handler named {call.method!r}; this worker has {listed or 'none'}{more}",
+            )
+        if handler.kind.streams and not call.stream:
+            return Error(
+                call.id,
+                ErrorKind.USAGE,
+                "TypeError",
+                f"handler {call.method!r} is a {handler.kind.value}: use pool.stream(), "
+                "not pool.call()",
+            )
+        if call.timeout is not None and call.timeout <= 0:
+            return Error(
+                call.id,
+                ErrorKind.TIMEOUT,
+                "TimeoutError",
+                "deadline passed before the call started",
+            )
+        return None
+
     def _start(self, call: Call) -> None:
         handler = self.app.handlers.get(call.method)
+        refusal = self._refusal(call, handler)
+        # One locked step, so a Cancel read by the control thread meanwhile sees
+        # this call either not yet arrived, or registered, or answered: never between.
         with self._lock:
             self._max_seen_id = max(self._max_seen_id, call.id)
             if self._early_cancels and call.id in self._early_cancels:
                 self._early_cancels.discard(call.id)  # cancelled before it arrived
                 self._send(CancelAck(call.id))
                 return
-        if handler is None:
-            known = sorted(self.app.handlers)
-            listed = ", ".join(repr(n) for n in known[:_NOT_FOUND_LISTED])
-            extra = len(known) - _NOT_FOUND_LISTED
-            more = f" and {extra} more" if extra > 0 else ""
-            self._send(
-                Error(
-                    call.id,
-                    ErrorKind.METHOD_NOT_FOUND,
-                    "MethodNotFound",
-                    f"no handler named {call.method!r}; this worker has {listed or 'none'}{more}",
-                )
-            )
-            return
-        kind = handler.kind
-        if kind.streams and not call.stream:
-            self._send(
-                Error(
-                    call.id,
-                    ErrorKind.USAGE,
-                    "TypeError",
-                    f"handler {call.method!r} is a {kind.value}: use pool.stream(), "
-                    "not pool.call()",
-                )
-            )
-            return
-        deadline = None
-        if call.timeout is not None:
-            if call.timeout <= 0:
-                self._send(
-                    Error(
-                        call.id,
-                        ErrorKind.TIMEOUT,
-                        "TimeoutError",
-                        "deadline passed before the call started",
-                    )
-                )
+            if refusal is not None or handler is None:
+                self._send(refusal)
                 return
-            deadline = time.monotonic() + call.timeout
-        session = None
-        if call.session is not None:
-            session = self.sessions.get(call.session)
-            if session is None:
-                session = self.sessions[call.session] = {}
-        ctx = Context(
-            call_id=call.id,
-            method=call.method,
-            worker_id=self.worker_id,
-            session_id=call.session,
-            session=session,
-            deadline=deadline,
-        )
-        running = _Running(call, ctx)
-        with self._lock:
+            session = None
+            if call.session is not None:
+                session = self.sessions.get(call.session)
+                if session is None:
+                    session = self.sessions[call.session] = {}
+            ctx = Context(
+                call_id=call.id,
+                method=call.method,
+                worker_id=self.worker_id,
+                session_id=call.session,
+                session=session,
+                deadline=None if call.timeout is None else time.monotonic() + call.timeout,
+            )
+            running = _Running(call, ctx)
             self._running[call.id] = running
-        if kind is HandlerKind.SYNC and not self._async_inflight and not self._lane_busy:
+        kind = handler.kind
+        if kind is HandlerKind.SYNC and self._inline_sync:
             self._run_inline(running, handler)
             return
         if call.timeout is not None:
             running.timer = self._loop.call_later(call.timeout, self._deadline_passed, running)
-        if kind is HandlerKind.ASYNC or kind is HandlerKind.ASYNC_GEN:
-            self._async_inflight += 1
         coro = self._run(running, handler)
         if _EAGER_TASKS:
             running.task = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
@@ -307,14 +306,23 @@ class WorkerRuntime:
         call = running.call
         kwargs = {**call.kwargs, "ctx": running.ctx} if handler.wants_context else call.kwargs
         try:
-            value = handler.fn(*call.args, **kwargs)
+            value = self._outside_loop(functools.partial(handler.fn, *call.args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - the handler's failure is the caller's RemoteError
             if not running.cancel_requested:
                 self._send_error(call.id, ErrorKind.REMOTE, exc)
         else:
-            self._send_value(call.id, value, call.method)
+            deadline = running.ctx.deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                self._send_late(call.id)  # too late to count: the caller has timed out
+            else:
+                self._send_value(call.id, value, call.method)
         finally:
             self._finish(running)
+
+    def _send_late(self, call_id: int) -> None:
+        self._send(
+            Error(call_id, ErrorKind.TIMEOUT, "TimeoutError", "deadline passed in the worker")
+        )
 
     async def _run(self, running: _Running, handler: Handler) -> None:
         call = running.call
@@ -328,7 +336,10 @@ class WorkerRuntime:
                 value = await self._on_lane(
                     running, functools.partial(handler.fn, *call.args, **kwargs)
                 )
-                self._send_value(call.id, value, call.method)
+                if running.stop_reason == "deadline":
+                    self._send_late(call.id)
+                else:
+                    self._send_value(call.id, value, call.method)
             elif kind is HandlerKind.ASYNC_GEN:
                 agen = handler.fn(*call.args, **kwargs)
                 try:
@@ -364,16 +375,31 @@ class WorkerRuntime:
             if not running.cancel_requested:
                 self._send_error(call.id, ErrorKind.REMOTE, exc)
         finally:
-            if kind is HandlerKind.ASYNC or kind is HandlerKind.ASYNC_GEN:
-                self._async_inflight -= 1
             self._finish(running)
+
+    def _outside_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run user code inline, with no running loop visible to it.
+
+        So that a sync handler may call ``asyncio.run()`` as it could in any
+        script; the loop is restored before anything else runs.
+        """
+        _set_running_loop(None)
+        try:
+            return fn()
+        finally:
+            _set_running_loop(self._loop)
 
     async def _on_lane(
         self, running: _Running, fn: Callable[..., Any], *args: Any, check: bool = True
     ) -> Any:
-        """Run ``fn`` on the sync lane; a call stopped before it starts never runs."""
+        """Run sync code where this worker runs it: inline, or on the sync lane.
+
+        A call stopped before its code starts never runs it.
+        """
         if check and running.stop_reason is not None:
             raise asyncio.CancelledError
+        if self._inline_sync:
+            return self._outside_loop(functools.partial(fn, *args))
         job = self._lane.submit(fn, *args)
         running.job = job
         self._lane_busy += 1

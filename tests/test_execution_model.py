@@ -1,0 +1,51 @@
+"""Where a worker runs sync handlers: one thread for all of them, per app."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import corral
+from corral import Pool
+
+
+async def test_an_app_without_async_handlers_runs_sync_code_on_the_main_thread() -> None:
+    async with Pool("tests.workers.sync_only:app", size=1) as pool:
+        assert await pool.call("thread_name") == "MainThread"
+        assert [w async for w in pool.stream("words", 2)] == ["MainThread0", "MainThread1"]
+
+
+async def test_an_app_with_async_handlers_runs_sync_code_on_one_other_thread() -> None:
+    async with Pool("tests.workers.basic:app", size=1) as pool:
+        names = {await pool.call("thread_name") for _ in range(5)}
+    assert len(names) == 1 and names != {"MainThread"}
+
+
+async def test_sync_mode_thread_can_be_chosen() -> None:
+    async with Pool("tests.workers.sync_only:threaded", size=1) as pool:
+        assert await pool.call("thread_name") != "MainThread"
+
+
+@pytest.mark.parametrize("target", ["tests.workers.sync_only:app", "tests.workers.basic:app"])
+async def test_a_sync_handler_may_run_an_event_loop_of_its_own(target: str) -> None:
+    async with Pool(target, size=1) as pool:
+        assert await pool.call("nested_asyncio_run", 21) == 42
+        assert await pool.call("nested_asyncio_run", 1) == 2
+
+
+async def test_an_inline_handler_sees_its_deadline_pass() -> None:
+    async with Pool("tests.workers.sync_only:app", size=1, cancel_grace=5.0) as pool:
+        started = time.monotonic()
+        with pytest.raises(corral.CallTimeout):
+            await pool.call("wait_for_deadline", 30, timeout=0.2)
+        await pool.wait_idle(timeout=5)
+        assert time.monotonic() - started < 2.0  # stopped at its deadline, not after 30 s
+        assert pool.stats().restarts == 0
+
+
+def test_an_unknown_sync_mode_is_refused() -> None:
+    from corral.worker import App
+
+    with pytest.raises(ValueError, match="sync_mode"):
+        App(sync_mode="sometimes")
