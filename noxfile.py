@@ -62,3 +62,17 @@ def bench(session: nox.Session) -> None:
     """The benchmark table: corral against the pipe floor and the alternatives."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def reliability(session: nox.Session) -> None:
+    """The reliability suite alone: chaos, hostile workers, cancellation points,
+    the pool state machine and parent death (``-s`` prints the chaos figures)."""
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest",
+        "tests/reliability",
+        "tests/test_pool_state_machine.py",
+        "tests/test_parent_death.py",
+        *session.posargs,
+    )

@@ -251,9 +251,7 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def the_os_agrees_with_the_pool(self) -> None:
         children = {
-            c.pid
-            for c in psutil.Process().children()
-            if c.status() != psutil.STATUS_ZOMBIE
+            c.pid for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE
         }
         launched = {w._launched.pid for w in self.pool.workers if w._launched is not None}
         spawning = sum(w._launched is None for w in self.pool.workers)  # pid not known yet

@@ -56,6 +56,7 @@ from ._messages import (
     Shutdown,
 )
 from ._state import WorkerState, check_transition
+from ._transport import TruncatedStream
 
 __all__ = ["PendingCall", "WorkerHandle"]
 
@@ -207,6 +208,7 @@ class WorkerHandle:
         self._stderr_partial = b""
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._ping_seq = 0
+        self._truncated: ProtocolError | None = None  # the wire ended inside a frame
         self.last_pong = time.monotonic()
         self._ping_sent_at: float | None = None
         self._log = structlog.get_logger("corral").bind(pool=pool_name, worker_id=self.id)
@@ -573,6 +575,13 @@ class WorkerHandle:
         self.connection_broken(ProtocolError(reason, worker_id=self.id, pid=self.pid))
 
     def connection_broken(self, error: ProtocolError | None) -> None:
+        if isinstance(error, TruncatedStream) and not self._exited.is_set():
+            # A stream cut inside a frame is what a worker killed mid-write leaves
+            # too: its exit status decides (a crash), unless it exits cleanly or
+            # lingers, which makes it the protocol error it looks like.
+            self._truncated = error
+            self._loop.call_later(_EOF_EXIT_WAIT, self._eof_without_exit)
+            return
         if error is not None:
             if error.worker_id is None:
                 error.worker_id, error.pid = self.id, self.pid
@@ -589,7 +598,11 @@ class WorkerHandle:
             self._loop.call_later(_EOF_EXIT_WAIT, self._eof_without_exit)
 
     def _eof_without_exit(self) -> None:
-        if not self._exited.is_set() and self.kill_reason is None and not self.closing:
+        if self._exited.is_set() or self.kill_reason is not None or self.closing:
+            return
+        if self._truncated is not None:
+            self.connection_broken(ProtocolError(self._truncated.message))
+        else:
             self.kill("the worker closed its protocol pipe but did not exit")
 
     def stderr_received(self, data: bytes) -> None:
@@ -639,6 +652,13 @@ class WorkerHandle:
 
         def crashed(p: PendingCall) -> CorralError:
             context = self._error_context(p)
+            if self._truncated is not None and self.exit_code == 0 and self.kill_reason is None:
+                return ProtocolError(
+                    f"worker broke the protocol: {self._truncated.message}",
+                    exit_code=0,
+                    stderr_tail=tail,
+                    **context,
+                )
             if self.closing and self.kill_reason is None:
                 return PoolClosed(
                     f"the pool closed while {p.method!r} was in flight ({how})", **context

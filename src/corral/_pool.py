@@ -329,6 +329,21 @@ class Pool:
         that many times within the deadline: only for idempotent methods. It is
         never retried after a RemoteError, nor after SessionLost (the state is gone).
         """
+        try:
+            return await self._call(method, args, kwargs, session, timeout, retries)
+        except CorralError as exc:
+            self._calls_failed[type(exc).__name__] += 1
+            raise
+
+    async def _call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        session: str | None,
+        timeout: float | None,
+        retries: int,
+    ) -> Any:
         deadline = self._deadline(timeout)
         attempt = 0
         while True:
@@ -346,7 +361,6 @@ class Pool:
                     raise
                 if deadline is not None and asyncio.get_running_loop().time() >= deadline:
                     raise
-                self._calls_failed[type(exc).__name__] -= 1  # not failed: tried again
                 attempt += 1
                 self._log.info("call.retrying", method=method, attempt=attempt, error=exc.message)
 
@@ -355,9 +369,6 @@ class Pool:
             result = await pending.future
         except asyncio.CancelledError:
             worker.cancel(pending)
-            raise
-        except CorralError as exc:
-            self._calls_failed[type(exc).__name__] += 1
             raise
         self._calls_ok += 1
         return result
@@ -1091,6 +1102,9 @@ class WorkerLease:
         self._pending.add(pending)
         try:
             return await self._pool._await_result(worker, pending)
+        except CorralError as exc:
+            self._pool._calls_failed[type(exc).__name__] += 1
+            raise
         finally:
             self._pending.discard(pending)
 
@@ -1194,7 +1208,12 @@ class CallStream:
             raise StopAsyncIteration
         pending = self._pending
         if pending is None:
-            pending = await self._begin()
+            try:
+                pending = await self._begin()
+            except CorralError as exc:
+                self._done = True
+                self._pool._calls_failed[type(exc).__name__] += 1
+                raise
         worker = self._worker
         assert worker is not None
         try:

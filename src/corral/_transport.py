@@ -26,6 +26,7 @@ __all__ = [
     "FrameListener",
     "FrameWriter",
     "PipeConnection",
+    "TruncatedStream",
     "open_frame_reader",
     "open_pipe_connection",
 ]
@@ -58,6 +59,10 @@ class FrameConnection(Protocol):
     def close(self) -> None: ...
 
 
+class TruncatedStream(ProtocolError):
+    """The peer's stream ended inside a frame: a broken peer, or a dead one."""
+
+
 class _ReadProtocol(asyncio.Protocol, Generic[T]):
     def __init__(self, decoder: FrameDecoder[T], listener: FrameListener[T]) -> None:
         self._decoder = decoder
@@ -88,7 +93,7 @@ class _ReadProtocol(asyncio.Protocol, Generic[T]):
         self._broken = True
         if self._decoder.buffered:
             self._listener.connection_broken(
-                ProtocolError(f"stream ended inside a frame ({self._decoder.buffered} bytes)")
+                TruncatedStream(f"stream ended inside a frame ({self._decoder.buffered} bytes)")
             )
         else:
             self._listener.connection_broken(None)
