@@ -14,8 +14,3 @@ app.handler(echo)
 @app.handler
 def session_noop(*, ctx: Context) -> None:
     return None
-
-
-@app.handler
-async def async_noop() -> None:
-    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -49,3 +50,30 @@ def test_an_unknown_sync_mode_is_refused() -> None:
 
     with pytest.raises(ValueError, match="sync_mode"):
         App(sync_mode="sometimes")
+
+
+async def test_an_inline_handler_still_answers_heartbeats() -> None:
+    async with Pool(
+        "tests.workers.sync_only:app", size=1, heartbeat_interval=0.05, heartbeat_timeout=0.4
+    ) as pool:
+        pid = await pool.call("pid")
+        await pool.call("noisy_then_sleep", "inline sleep", 1.2)
+        assert await pool.call("pid") == pid and pool.stats().restarts == 0
+
+
+async def test_a_cancel_reaches_an_inline_handler_while_it_runs() -> None:
+    async with Pool("tests.workers.sync_only:app", size=1) as pool:
+        pid = await pool.call("pid")
+        task = asyncio.ensure_future(pool.call("cooperative_wait", 60))
+        assert await pool._wait_until(lambda: "waiting in call" in pool.workers[0].stderr_tail, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await pool.wait_idle(timeout=5)  # acknowledged: the handler saw ctx.cancelled
+        assert await pool.call("pid") == pid and pool.stats().restarts == 0
+
+
+async def test_sync_hooks_run_on_the_thread_of_the_sync_handlers() -> None:
+    async with Pool("tests.workers.sync_only:threaded", size=1) as pool:
+        startup, handler = await pool.call("startup_thread")
+    assert startup == handler != "MainThread"

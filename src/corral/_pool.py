@@ -1090,6 +1090,7 @@ class WorkerLease:
     ) -> Any:
         """Run a call on this worker (in the checkout's session, if it has one)."""
         self._check(method)
+        self._pool._touch_session(self.session)
         worker = self._worker
         pending = worker.send_call(
             method,

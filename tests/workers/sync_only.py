@@ -36,3 +36,42 @@ def wait_for_deadline(seconds: float, *, ctx: Context) -> bool:
 def words(n: int):
     for i in range(n):
         yield threading.current_thread().name + str(i)
+
+
+@app.handler
+def noisy_then_sleep(text: str, seconds: float) -> None:
+    import sys
+    import time
+
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+    time.sleep(seconds)
+
+
+@app.handler
+def cooperative_wait(seconds: float, *, ctx: Context) -> bool:
+    import sys
+
+    sys.stderr.write(f"waiting in call {ctx.call_id}\n")
+    sys.stderr.flush()
+    return ctx.wait_cancelled(seconds)
+
+
+@app.handler
+def pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+_startup_thread: list[str] = []
+
+
+@threaded.on_startup
+def _note_startup_thread() -> None:
+    _startup_thread.append(threading.current_thread().name)
+
+
+@threaded.handler
+def startup_thread() -> list[str]:
+    return [*_startup_thread, threading.current_thread().name]

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -105,10 +105,21 @@ def _describe(exc: BaseException) -> tuple[str, str, str]:
     return name, message, "".join(traceback.format_exception(exc))
 
 
-async def run_hooks(hooks: list[Callable[..., Any]], *args: Any) -> None:
-    """Run lifecycle hooks in order; async ones are awaited."""
+async def run_hooks(
+    hooks: list[Callable[..., Any]],
+    *args: Any,
+    run_sync: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
+) -> None:
+    """Run lifecycle hooks in order; async ones are awaited.
+
+    Sync hooks go through ``run_sync`` when given, so they run on the same
+    thread as the sync handlers (objects they make stay usable there).
+    """
     for hook in hooks:
-        outcome = hook(*args)
+        if run_sync is not None and not inspect.iscoroutinefunction(hook):
+            outcome = await run_sync(functools.partial(hook, *args))
+        else:
+            outcome = hook(*args)
         if inspect.isawaitable(outcome):
             await outcome
 
@@ -389,6 +400,12 @@ class WorkerRuntime:
         finally:
             _set_running_loop(self._loop)
 
+    async def run_sync(self, fn: Callable[[], Any]) -> Any:
+        """Run sync code outside any call, on the thread sync handlers use."""
+        if self._inline_sync:
+            return self._outside_loop(fn)
+        return await asyncio.wrap_future(self._lane.submit(fn))
+
     async def _on_lane(
         self, running: _Running, fn: Callable[..., Any], *args: Any, check: bool = True
     ) -> Any:
@@ -526,7 +543,7 @@ class WorkerRuntime:
 
     async def _session_ended(self, session_id: str, state: dict[str, Any]) -> None:
         try:
-            await run_hooks(self.app.session_end_hooks, session_id, state)
+            await run_hooks(self.app.session_end_hooks, session_id, state, run_sync=self.run_sync)
         except Exception:  # noqa: BLE001 - logged with its traceback; the worker goes on
             self._log.exception("worker.session_end_hook_failed", session=session_id)
 
@@ -578,7 +595,7 @@ async def serve(
     exit_code = 0
     try:
         try:
-            await run_hooks(app.startup_hooks)
+            await run_hooks(app.startup_hooks, run_sync=runtime.run_sync)
         except Exception:
             # reported on stderr; the pool turns it into WorkerStartError
             log.exception("worker.startup_failed")
@@ -588,7 +605,7 @@ async def serve(
         await runtime.wait_stopped()
         await runtime.stop(graceful=runtime._shutdown_requested)
         try:
-            await run_hooks(app.shutdown_hooks)
+            await run_hooks(app.shutdown_hooks, run_sync=runtime.run_sync)
         except Exception:
             # reported on stderr; the worker still exits
             log.exception("worker.shutdown_hook_failed")
