@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import statistics
 import sys
 import time
@@ -45,6 +46,7 @@ class Counts:
 
 FULL = Counts(latency_calls=3000, throughput_calls=30000, cpu_calls=2000, echo_calls=40, repeats=5)
 QUICK = Counts(latency_calls=200, throughput_calls=2000, cpu_calls=100, echo_calls=4, repeats=1)
+BIG_ECHOES = 3  # round trips of the 64 MiB payload (1 with --quick)
 
 
 # --- systems: each yields an async call(method, *args) -------------------------
@@ -185,6 +187,8 @@ async def measure(name: str, counts: Counts) -> dict[str, float]:
                 await throughput(call, "cpu_1ms", counts.cpu_calls),
             )
             add("echo 1 MiB (MiB/s)", await echo_rate(call, MIB, counts.echo_calls))
+            big = 1 if counts is QUICK else BIG_ECHOES
+            add("echo 64 MiB (MiB/s)", await echo_rate(call, 64 * MIB, big))
     return {key: statistics.median(values) for key, values in figures.items()}
 
 
@@ -205,6 +209,24 @@ async def corral_extras(counts: Counts) -> dict[str, float]:
 
             with_sessions = await throughput(session_call, "session_noop", counts.throughput_calls)
         results.setdefault("session calls / plain calls", []).append(with_sessions / plain)
+        async with corral.Pool("benchmarks.corral_app:app", size=WORKERS) as pool:
+            victim = pool.workers[0]
+            assert victim.pid is not None
+            killed = time.perf_counter()
+            os.kill(victim.pid, signal.SIGKILL)
+            await pool._wait_until(lambda v=victim: v.state.value == "dead", 10)
+            await pool.wait_ready(timeout=30)
+            results.setdefault("crashed worker to full capacity (ms)", []).append(
+                (time.perf_counter() - killed) * 1000
+            )
+            rss = [w.sample_rss() or 0 for w in pool.workers]
+            shepherd = _rss_of(pool.workers[0]._launched.pid) if pool.workers[0]._launched else 0
+        bare = await _bare_interpreter_rss()
+        results.setdefault("idle worker RSS / bare interpreter RSS", []).append(
+            statistics.mean(rss) / bare
+        )
+        results.setdefault("idle worker RSS (MiB)", []).append(statistics.mean(rss) / MIB)
+        results.setdefault("shepherd RSS (MiB)", []).append(shepherd / MIB)
         started = time.perf_counter()
         async with corral.Pool("benchmarks.corral_app:app", size=4) as pool:
             await asyncio.gather(*(pool.call("noop") for _ in range(4)))
@@ -212,6 +234,30 @@ async def corral_extras(counts: Counts) -> dict[str, float]:
                 (time.perf_counter() - started) * 1000
             )
     return {key: statistics.median(values) for key, values in results.items()}
+
+
+def _rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _bare_interpreter_rss() -> int:
+    """RSS of a Python process that has started and does nothing."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sys; sys.stdout.write('up\\n'); sys.stdout.flush(); sys.stdin.read()",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdin is not None
+    await proc.stdout.readline()
+    try:
+        return _rss_of(proc.pid)
+    finally:
+        proc.stdin.close()
+        await proc.wait()
 
 
 def _format(value: float) -> str:
