@@ -329,40 +329,55 @@ class Pool:
         that many times within the deadline: only for idempotent methods. It is
         never retried after a RemoteError, nor after SessionLost (the state is gone).
         """
+        # One coroutine frame on the hot path: no worker to wait for means no await
+        # before the call is on the wire.
         try:
-            return await self._call(method, args, kwargs, session, timeout, retries)
+            deadline = self._deadline(timeout)
+            attempt = 0
+            while True:
+                worker = self._acquire_now(session)
+                if worker is None:
+                    worker = await self._acquire(session, False, deadline, method)
+                if self._session_used is not None:
+                    self._touch_session(session)
+                try:
+                    pending = worker.send_call(
+                        method, args, kwargs, session=session, deadline=deadline
+                    )
+                except SessionLost:
+                    self._lost_sessions.pop(session or "", None)  # told now: only once
+                    raise
+                try:
+                    result = await pending.future
+                except asyncio.CancelledError:
+                    worker.cancel(pending)
+                    raise
+                except WorkerCrashed as exc:
+                    if attempt >= retries or isinstance(exc, SessionLost):
+                        raise
+                    if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                        raise
+                    attempt += 1
+                    self._log.info(
+                        "call.retrying", method=method, attempt=attempt, error=exc.message
+                    )
+                    continue
+                self._calls_ok += 1
+                return result
         except CorralError as exc:
             self._calls_failed[type(exc).__name__] += 1
             raise
 
-    async def _call(
-        self,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        session: str | None,
-        timeout: float | None,
-        retries: int,
-    ) -> Any:
-        deadline = self._deadline(timeout)
-        attempt = 0
-        while True:
-            worker = await self._acquire(session, False, deadline, method)
-            self._touch_session(session)
-            try:
-                pending = worker.send_call(method, args, kwargs, session=session, deadline=deadline)
-            except SessionLost:
-                self._lost_sessions.pop(session or "", None)  # told now: only once
-                raise
-            try:
-                return await self._await_result(worker, pending)
-            except WorkerCrashed as exc:
-                if attempt >= retries or isinstance(exc, SessionLost):
-                    raise
-                if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-                    raise
-                attempt += 1
-                self._log.info("call.retrying", method=method, attempt=attempt, error=exc.message)
+    def _acquire_now(self, session: str | None) -> WorkerHandle | None:
+        """The fast path of ``_acquire``: a slot free now, and nobody queued before us."""
+        if self._state != "open" or self._fork_generation != _fork_generation:
+            return None  # let _acquire raise the right error
+        if self._queues.has_waiters_like(session, False):
+            return None
+        worker = self._place(session, False)  # may raise SessionLost, once
+        if worker is not None:
+            worker.reserve(False)
+        return worker
 
     async def _await_result(self, worker: WorkerHandle, pending: PendingCall) -> Any:
         try:
