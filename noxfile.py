@@ -24,7 +24,7 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 ROOT = Path(__file__).parent
 PYTHON = "3.11"
 SUPPORTED_PYTHONS = ["3.11", "3.12", "3.13"]
-LINT_PATHS = ["src", "tests", "benchmarks", "noxfile.py"]
+LINT_PATHS = ["src", "tests", "benchmarks", "examples", "noxfile.py"]
 
 
 @nox.session(python=SUPPORTED_PYTHONS)
@@ -46,7 +46,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package."""
-    session.install("-e", ".", "mypy", "psutil", "pytest", "hypothesis")
+    session.install("-e", ".", "mypy", "psutil", "pytest", "pytest-asyncio", "hypothesis")
     session.run("mypy", "--strict", "src/corral")
 
 

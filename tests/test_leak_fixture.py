@@ -1,8 +1,11 @@
-"""The suite's leak check (tests/conftest.py) fails tests that leave things behind.
+"""The suite's leak check fails tests that leave things behind.
 
-Each case runs an inner pytest session, in a subprocess, with a copy of the
-suite's conftest: a test that leaves a child process running, one that leaves a
-file open, and a clean one.
+The check is corral's pytest plugin (corral.pytest_plugin), applied to every
+test by tests/conftest.py. Each case runs an inner pytest session, in a
+subprocess, with a copy of the suite's conftest and the plugin loaded through
+its installed ``pytest11`` entry point, as in the suite itself: a test that
+leaves a child process running, one that leaves a file open, a clean one, one
+marked ``allow_leaks``, and a run without the plugin, which the conftest refuses.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ def inner(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-def _run(pytester: pytest.Pytester) -> pytest.RunResult:
+def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-q", "-o", "asyncio_default_fixture_loop_scope=function"
+        "-p", "no:cacheprovider", "-q", "-o", "asyncio_default_fixture_loop_scope=function", *args
     )
 
 
@@ -46,6 +49,8 @@ def test_leaked_child_process_fails_and_is_killed(inner: pytest.Pytester) -> Non
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(
         [
+            "*ERROR at teardown of test_leaves_a_sleeper*",
+            "*test left resources behind (corral_no_leaks leak check):*",
             "*child process(es) still running after the test (now killed)*",
             f"*leaked pid {pid}: sleep 30*",
         ]
@@ -110,3 +115,10 @@ def test_allow_leaks_marker_skips_the_check(inner: pytest.Pytester) -> None:
     )
     result = _run(inner)
     result.assert_outcomes(passed=1)
+
+
+def test_without_the_plugin_the_suite_refuses_to_run(inner: pytest.Pytester) -> None:
+    inner.makepyfile("def test_anything(): pass")
+    result = _run(inner, "-p", "no:corral")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*corral's pytest plugin is not loaded*"])

@@ -28,6 +28,14 @@ SESSIONS = ("alice", "bob", "carol")
 _values = itertools.count()
 
 
+def _running(process: psutil.Process) -> bool:
+    """Alive and not a zombie; a process that exits while we look is not running."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -250,9 +258,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_os_agrees_with_the_pool(self) -> None:
-        children = {
-            c.pid for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE
-        }
+        children = {c.pid for c in psutil.Process().children() if _running(c)}
         launched = {w._launched.pid for w in self.pool.workers if w._launched is not None}
         spawning = sum(w._launched is None for w in self.pool.workers)  # pid not known yet
         unknown = children - launched
@@ -271,7 +277,7 @@ class PoolMachine(RuleBasedStateMachine):
                 elif not future.cancelled():
                     assert isinstance(future.exception(), corral.CorralError)
             children = psutil.Process().children(recursive=True)
-            assert not [c for c in children if c.status() != psutil.STATUS_ZOMBIE], children
+            assert not [c for c in children if _running(c)], children
         finally:
             self.runner.close()
 

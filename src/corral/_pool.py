@@ -724,9 +724,12 @@ class Pool:
                     break
                 self._grant(waiter, worker)
             plain.popleft().queued = False
-        if self._state == "closing" and self._idle_event is not None:
-            if not any(w.inflight for w in workers):
-                self._idle_event.set()  # aclose() drains until this
+        if (
+            self._state == "closing"
+            and self._idle_event is not None
+            and not any(w.inflight for w in workers)
+        ):
+            self._idle_event.set()  # aclose() drains until this
         if self._watchers:
             self._wake_watchers()
 

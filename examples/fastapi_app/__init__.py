@@ -1,0 +1,1 @@
+"""A FastAPI service backed by a corral pool: see README.md here."""
