@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import psutil
 import pytest
+from tests._helpers import assert_sleeper_is_gone
 
 pytest_plugins = ["pytester"]
 
@@ -55,12 +55,7 @@ def test_leaked_child_process_fails_and_is_killed(inner: pytest.Pytester) -> Non
             f"*leaked pid {pid}: sleep 30*",
         ]
     )
-    # The fixture killed and reaped it: the pid no longer names a sleep.
-    try:
-        survivor = psutil.Process(pid)
-        assert survivor.status() == psutil.STATUS_ZOMBIE or "sleep" not in survivor.cmdline()
-    except psutil.NoSuchProcess:
-        pass
+    assert_sleeper_is_gone(pid)  # the check killed and reaped it
 
 
 def test_leaked_file_descriptor_fails(inner: pytest.Pytester) -> None:

@@ -13,6 +13,7 @@ import json
 
 import psutil
 import pytest
+from tests._helpers import assert_sleeper_is_gone
 
 from corral import Pool, WorkerStartError
 from corral.pytest_plugin import PoolFactory
@@ -222,11 +223,7 @@ def test_marker_fails_a_test_that_leaks_a_child_and_kills_it(pytester: pytest.Py
             f"*leaked pid {pid}: sleep 30*",
         ]
     )
-    try:
-        survivor = psutil.Process(pid)
-        assert survivor.status() == psutil.STATUS_ZOMBIE or "sleep" not in survivor.cmdline()
-    except psutil.NoSuchProcess:
-        pass
+    assert_sleeper_is_gone(pid)  # the check killed and reaped it
 
 
 def test_ini_option_checks_every_test(pytester: pytest.Pytester) -> None:

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 from corral.worker import App, Context
+
+from . import basic
 
 app = App()
 threaded = App(sync_mode="thread")
 
 
-@app.handler
-@threaded.handler
-def thread_name() -> str:
-    return threading.current_thread().name
-
-
-@app.handler
-@threaded.handler
-def nested_asyncio_run(value: int) -> int:
-    async def double() -> int:
-        await asyncio.sleep(0)
-        return value * 2
-
-    return asyncio.run(double())
+# The same functions as the mixed app's, registered here without async neighbours.
+for shared in (basic.thread_name, basic.nested_asyncio_run):
+    app.handler(shared)
+    threaded.handler(shared)
+app.handler(basic.noisy_then_sleep)
+app.handler(basic.pid)
 
 
 @app.handler
@@ -39,29 +32,12 @@ def words(n: int):
 
 
 @app.handler
-def noisy_then_sleep(text: str, seconds: float) -> None:
-    import sys
-    import time
-
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-    time.sleep(seconds)
-
-
-@app.handler
 def cooperative_wait(seconds: float, *, ctx: Context) -> bool:
     import sys
 
     sys.stderr.write(f"waiting in call {ctx.call_id}\n")
     sys.stderr.flush()
     return ctx.wait_cancelled(seconds)
-
-
-@app.handler
-def pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 _startup_thread: list[str] = []
