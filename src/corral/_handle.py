@@ -234,13 +234,14 @@ class WorkerHandle:
             self.state = new
 
     def _refresh_busy(self) -> None:
+        # READY <-> BUSY, both legal in the table, on every call: kept cheap.
         state = self.state
-        if state.accepting:
-            if self.leased or self.inflight > 0:
-                self._set_state(WorkerState.BUSY)
-            elif state is WorkerState.BUSY:
-                self._set_state(WorkerState.READY)
-                self.idle_since = time.monotonic()
+        if state is WorkerState.READY:
+            if self.leased or self.reserved or self._pending:
+                self.state = WorkerState.BUSY
+        elif state is WorkerState.BUSY and not (self.leased or self.reserved or self._pending):
+            self.state = WorkerState.READY
+            self.idle_since = time.monotonic()
 
     def _error_context(self, pending: PendingCall | None = None) -> dict[str, Any]:
         context: dict[str, Any] = {"worker_id": self.id, "pid": self.pid}
@@ -421,8 +422,7 @@ class WorkerHandle:
                 session=session,
             ) from exc.__cause__
         pending = PendingCall(call_id, method, session, self._loop, stream_window)
-        self._pending[call_id] = pending
-        self._refresh_busy()
+        self._pending[call_id] = pending  # the reserved slot becomes this call: still busy
         if deadline is not None:
             pending.deadline_timer = self._loop.call_at(deadline, self._deadline_passed, pending)
         return pending

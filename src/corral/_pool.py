@@ -607,7 +607,12 @@ class Pool:
         queues.add(waiter, self._sessions.get(session) if session is not None else None)
         if self._target < self.config.largest and self._wake_supervisor is not None:
             self._wake_supervisor.set()  # callers wait: the pool may grow
-        self._dispatch()
+        if session is not None or exclusive or _router.pick_for_call(self._workers):
+            # A session pins now, a checkout may claim a worker, and a plain
+            # caller queued behind callers that are leaving may be served at once.
+            self._dispatch()
+        elif self._watchers:
+            self._wake_watchers()  # a new waiter is a change too
         timer = None
         if deadline is not None and not waiter.future.done():
             timer = loop.call_at(deadline, self._waiter_expired, waiter)

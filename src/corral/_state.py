@@ -23,14 +23,15 @@ class WorkerState(enum.Enum):
     STOPPING = "stopping"  # being shut down or killed
     DEAD = "dead"  # the process has ended and been reaped
 
-    @property
-    def accepting(self) -> bool:
-        """Whether new calls may be placed on a worker in this state."""
-        return self is WorkerState.READY or self is WorkerState.BUSY
+    # Plain attributes, set below (read on every call, so not properties):
+    accepting: bool  # whether new calls may be placed on a worker in this state
+    live: bool  # whether the worker's process may still be running
 
-    @property
-    def live(self) -> bool:
-        return self is not WorkerState.DEAD
+
+for _member in WorkerState:
+    _member.accepting = _member in (WorkerState.READY, WorkerState.BUSY)
+    _member.live = _member is not WorkerState.DEAD
+del _member
 
 
 _S = WorkerState
