@@ -38,3 +38,23 @@ def test_corral_version() -> None:
         [sys.executable, "-m", "corral._cli", "version"], capture_output=True, text=True, timeout=30
     )
     assert run.stdout.strip() == f"corral {corral.__version__}"
+
+
+def _corral(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "corral._cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_corral_call_prints_the_result_as_json() -> None:
+    run = _corral("call", "tests.workers.basic:app", "add", "2", "40")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "42"
+    run = _corral("call", "tests.workers.basic:app", "echo", "not json")
+    assert run.stdout.strip() == '"not json"'
+
+
+def test_corral_call_reports_a_typed_error() -> None:
+    run = _corral("call", "tests.workers.basic:app", "fail", "boom")
+    assert run.returncode == 1
+    assert run.stderr.startswith("RemoteError: ValueError: boom")
