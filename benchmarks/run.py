@@ -237,8 +237,9 @@ async def corral_extras(counts: Counts) -> dict[str, float]:
 
 
 def _rss_of(pid: int) -> int:
-    with open(f"/proc/{pid}/statm", "rb") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    from corral._handle import rss_of
+
+    return rss_of(pid) or 0
 
 
 async def _bare_interpreter_rss() -> int:

@@ -69,6 +69,15 @@ _END = object()
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def rss_of(pid: int) -> int | None:
+    """Resident memory of a process in bytes, from /proc (Linux); None if unknown."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class PendingCall:
     """One call in flight on one worker; settled exactly once."""
 
@@ -717,13 +726,10 @@ class WorkerHandle:
         """Read the worker's resident memory from /proc (Linux); None if unknown."""
         if self.pid is None:
             return None
-        try:
-            with open(f"/proc/{self.pid}/statm", "rb") as statm:
-                pages = int(statm.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            return None
-        self.rss = pages * _PAGE_SIZE
-        return self.rss
+        rss = rss_of(self.pid)
+        if rss is not None:
+            self.rss = rss
+        return rss
 
     def forget_after_fork(self) -> None:
         forget = getattr(self._launched, "forget_after_fork", None)

@@ -151,10 +151,6 @@ class FrameWriter:
         self._closed = True
         self._transport.close()
 
-    def abort(self) -> None:
-        self._closed = True
-        self._transport.abort()
-
 
 class PipeConnection:
     """Frames to a worker over pipes: calls on one, control messages on another."""
@@ -176,13 +172,6 @@ class PipeConnection:
         self._writer.close()
         if self._control is not None:
             self._control.close()
-        self._reader.close()
-
-    def abort(self) -> None:
-        """Close every end at once, dropping anything unsent."""
-        self._writer.abort()
-        if self._control is not None:
-            self._control.abort()
         self._reader.close()
 
 

@@ -149,7 +149,6 @@ class WorkerRuntime:
         self._inline_sync = app.sync_mode == "inline" or (
             app.sync_mode == "auto" and not app.has_async_handlers
         )
-        self._lane_busy = 0
         self._lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="corral-sync")
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
@@ -419,11 +418,9 @@ class WorkerRuntime:
             return self._outside_loop(functools.partial(fn, *args))
         job = self._lane.submit(fn, *args)
         running.job = job
-        self._lane_busy += 1
         try:
             return await asyncio.wrap_future(job)
         finally:
-            self._lane_busy -= 1
             running.job = None
 
     async def _emit(self, running: _Running, item: Any) -> bool:
