@@ -98,6 +98,8 @@ class Context:
 
 
 class HandlerKind(enum.Enum):
+    """How a handler runs: a plain function, a coroutine, or a (sync or async) generator."""
+
     SYNC = "sync"
     ASYNC = "async"
     SYNC_GEN = "sync generator"
@@ -105,6 +107,7 @@ class HandlerKind(enum.Enum):
 
     @property
     def streams(self) -> bool:
+        """True for generators: each item they yield is one chunk of a stream."""
         return self in (HandlerKind.SYNC_GEN, HandlerKind.ASYNC_GEN)
 
 
@@ -201,6 +204,7 @@ class App:
 
     @property
     def has_async_handlers(self) -> bool:
+        """True if any handler is async; ``sync_mode="auto"`` then runs sync ones on a thread."""
         return any(
             h.kind in (HandlerKind.ASYNC, HandlerKind.ASYNC_GEN) for h in self.handlers.values()
         )
