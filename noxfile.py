@@ -58,6 +58,13 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into ``site/``; any warning is an error (``--strict``)."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """The benchmark table: corral against the pipe floor and the alternatives."""
     session.install("-e", ".[bench]")
