@@ -42,11 +42,12 @@ def _fixtures(module: ModuleType) -> dict[str, Any]:
 
 def _own_doc(obj: Any) -> str | None:
     """The docstring written for ``obj``, not one inherited or generated."""
-    doc = obj.__doc__ if isinstance(obj, type) else getattr(obj, "__doc__", None)
     if isinstance(obj, type):
-        doc = obj.__dict__.get("__doc__")
+        doc = obj.__dict__.get("__doc__")  # a class's __doc__ is never inherited
         if doc and dataclasses.is_dataclass(obj) and doc.startswith(f"{obj.__name__}("):
             return None  # the signature dataclasses write when there is no docstring
+    else:
+        doc = getattr(obj, "__doc__", None)
     return doc.strip() if isinstance(doc, str) and doc.strip() else None
 
 
