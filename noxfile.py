@@ -58,6 +58,14 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into ``site/``; any warning is an error (``--strict``)."""
+    session.install("-e", ".[docs]")
+    # NO_MKDOCS_2_WARNING: mkdocs-material prints a banner about its future on every build.
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """The benchmark table: corral against the pipe floor and the alternatives."""
     session.install("-e", ".[bench]")

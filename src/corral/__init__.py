@@ -30,6 +30,7 @@ from ._pool import CallStream, Pool, WorkerLease
 from ._stats import PoolStats
 
 __version__ = "0.1.0"
+"""corral's version."""
 
 __all__ = [
     "CallStream",

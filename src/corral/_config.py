@@ -168,6 +168,12 @@ class PoolConfig:
         return self.size if self.max_size is None else self.max_size
 
     def replace(self, **changes: object) -> PoolConfig:
+        """A copy with ``changes`` applied, validated like a new ``PoolConfig``.
+
+        Raises:
+            ValueError: a changed value is invalid.
+            TypeError: a name is not a field of ``PoolConfig``.
+        """
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:

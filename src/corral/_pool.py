@@ -1093,10 +1093,12 @@ class WorkerLease:
 
     @property
     def id(self) -> str:
+        """The leased worker's id (``"pool1-3"``), as in errors and logs."""
         return self._worker.id
 
     @property
     def pid(self) -> int | None:
+        """The leased worker's process id, or None if it never said ``Hello``."""
         return self._worker.pid
 
     @property
@@ -1136,6 +1138,11 @@ class WorkerLease:
     def stream(
         self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any
     ) -> CallStream:
+        """Stream the items of a handler run on this worker (in the checkout's session).
+
+        The same as ``Pool.stream()``, on the leased worker: iterate the result
+        with ``async for``.
+        """
         self._check(method)
         return CallStream(
             self._pool, self, method, args, kwargs, self.session, self._pool._deadline(timeout)

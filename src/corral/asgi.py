@@ -242,6 +242,7 @@ checked_out_worker = checkout_dependency()
 # --- streaming -------------------------------------------------------------------------
 
 Encoder = Callable[[Any], bytes | str]
+"""Turns one streamed item into the bytes (or text) of the response body."""
 
 
 def ndjson(item: Any) -> bytes:
@@ -300,6 +301,7 @@ class CallStreamResponse(StreamingResponse):
         )
 
     async def stream_response(self, send: Send) -> None:
+        """Send the status line once the first item is there, then every item as it comes."""
         stream = self.call_stream
         try:
             first: bytes | None = self._chunk(await anext(stream))

@@ -84,9 +84,9 @@ __all__ = ["EXIT_GRACE", "PoolFactory"]
 MARKER = "corral_no_leaks"
 INI_OPTION = "corral_leak_check"
 
-#: How long a new child may take to finish exiting after the test before it
-#: counts as leaked (and how long to wait for it to be reaped once killed).
 EXIT_GRACE = 3.0
+"""Seconds a new child may take to finish exiting after the test before it counts
+as leaked (and how long to wait for it to be reaped once killed)."""
 
 
 # --- registration -------------------------------------------------------------------

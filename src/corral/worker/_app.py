@@ -26,6 +26,15 @@ class Context:
     (None outside a session). ``cancelled`` turns true once the caller cancelled
     or the deadline passed, so a long sync handler can stop early; an async
     handler is cancelled for real.
+
+    Attributes:
+        call_id: The call's correlation id, as in the caller's errors.
+        method: The name the handler was called by.
+        worker_id: This worker's id (``"pool1-w2"``), as in the pool's logs.
+        session_id: The call's session, or None.
+        session: The session's state, a dict kept in this worker while the
+            session lives; None outside a session.
+        deadline: The call's deadline as a ``time.monotonic()`` value, or None.
     """
 
     __slots__ = (
@@ -98,6 +107,8 @@ class Context:
 
 
 class HandlerKind(enum.Enum):
+    """How a handler runs: a plain function, a coroutine, or a (sync or async) generator."""
+
     SYNC = "sync"
     ASYNC = "async"
     SYNC_GEN = "sync generator"
@@ -105,6 +116,7 @@ class HandlerKind(enum.Enum):
 
     @property
     def streams(self) -> bool:
+        """True for generators: each item they yield is one chunk of a stream."""
         return self in (HandlerKind.SYNC_GEN, HandlerKind.ASYNC_GEN)
 
 
@@ -134,7 +146,14 @@ def _wants_context(fn: Callable[..., Any]) -> bool:
 
 
 class Handler:
-    """One registered function and what the runtime needs to know about it."""
+    """One registered function and what the runtime needs to know about it.
+
+    Attributes:
+        name: The name callers use.
+        fn: The registered function.
+        kind: How it runs: sync, async, or a (sync or async) generator.
+        wants_context: Whether it declares a ``ctx`` parameter.
+    """
 
     __slots__ = ("fn", "kind", "name", "wants_context")
 
@@ -154,6 +173,14 @@ class App:
     >>> app = App()
     >>> @app.handler
     ... def add(a, b): return a + b
+
+    Attributes:
+        name: An optional name, shown in its repr.
+        sync_mode: Where sync handlers run: ``"auto"``, ``"inline"`` or ``"thread"``.
+        handlers: The registered handlers, by name.
+        startup_hooks: The ``on_startup`` functions, in order.
+        shutdown_hooks: The ``on_shutdown`` functions, in order.
+        session_end_hooks: The ``on_session_end`` functions, in order.
     """
 
     def __init__(self, name: str | None = None, *, sync_mode: str = "auto") -> None:
@@ -201,6 +228,7 @@ class App:
 
     @property
     def has_async_handlers(self) -> bool:
+        """True if any handler is async; ``sync_mode="auto"`` then runs sync ones on a thread."""
         return any(
             h.kind in (HandlerKind.ASYNC, HandlerKind.ASYNC_GEN) for h in self.handlers.values()
         )
