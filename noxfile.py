@@ -65,6 +65,17 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def browser(session: nox.Session) -> None:
+    """The status page in headless chromium (needs ``apt-get install chromium``).
+
+    Playwright drives Debian's /usr/bin/chromium; its own browser downloads are
+    never used (no ``playwright install``). The screenshot lands in artifacts/.
+    """
+    session.install("-e", ".[test]", "playwright", "uvicorn")
+    session.run("pytest", "tests/browser", "-rs", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def reliability(session: nox.Session) -> None:
     """The reliability suite alone: chaos, hostile workers, cancellation points,
     the pool state machine and parent death (``-s`` prints the chaos figures)."""
