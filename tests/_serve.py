@@ -20,6 +20,7 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp
 
 from corral import Pool
+from corral._top import demo_load
 from corral.asgi import POOL_KEY, PoolState, open_pools, status_app
 
 
@@ -55,26 +56,13 @@ def serve_in_thread(app: ASGIApp) -> Iterator[str]:
 DEMO_TARGET = "corral._demo_app:app"
 
 
-async def _demo_load(pool: Pool) -> None:
-    """Keep the pool busy: plain calls, a little CPU work, three users' sessions."""
-    turn = 0
-    while True:
-        turn += 1
-        calls = [pool.call("square", i) for i in range(8)]
-        calls += [pool.call("digest", b"x" * 64) for _ in range(2)]
-        calls += [pool.call("chat", f"turn {turn}", session=f"user-{u}") for u in range(3)]
-        # Workers are killed on purpose in these tests: their calls fail; the load goes on.
-        await asyncio.gather(*calls, return_exceptions=True)
-        await asyncio.sleep(0.02)  # pacing: a steady trickle, not a synchronization
-
-
 def status_demo_app(size: int = 2) -> Starlette:
     """A service with a pool of the demo worker under load, its status page at /corral."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[PoolState]:
         async with open_pools(lambda: Pool(DEMO_TARGET, size=size, name="demo")) as state:
-            load = asyncio.create_task(_demo_load(state[POOL_KEY]))
+            load = asyncio.create_task(demo_load(state[POOL_KEY]))  # no crashes
             try:
                 yield state
             finally:
