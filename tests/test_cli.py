@@ -136,3 +136,18 @@ bench._candidates = lambda: []
 from corral._cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def test_without_rich_the_library_works_and_top_says_what_to_install() -> None:
+    # rich made unimportable: corral imports it only in ``top`` and ``bench``.
+    code = (
+        "import sys; sys.modules['rich'] = None\n"
+        "import corral, corral.asgi, corral.worker\n"
+        "from corral._cli import main\n"
+        "assert main(['call', 'tests.workers.basic:app', 'add', '1', '2']) == 0\n"
+        "sys.exit(main(['top', '--duration', '1']))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert run.stdout.strip() == "3"
+    assert "pip install 'corral[cli]'" in run.stderr

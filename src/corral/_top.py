@@ -5,8 +5,8 @@ the demo load; or a running service's ``status.json``), the demo load, and how
 a ``PoolStatus.to_dict()`` body is drawn as rich tables. Both sources go
 through the same JSON form, so a remote pool looks exactly like a local one.
 Must not touch: pool internals (``Pool.status()`` and the public API only).
-Imported by the command line alone: rich is never loaded in a worker or by
-``import corral``.
+Imported by the command line alone: corral imports rich nowhere else, so the
+library and its workers run without it.
 """
 
 from __future__ import annotations
