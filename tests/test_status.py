@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import corral
 from corral import Eviction, Pool, PoolStatus, WorkerInfo
 from corral._status import EvictionLog
 
@@ -153,3 +154,26 @@ def test_the_eviction_log_keeps_the_newest_first_and_stays_bounded(
         log.add(Eviction(time=float(pid), worker_id=f"w{pid}", pid=pid, kind="died", reason="x"))
     kept = log.recent()
     assert [e.pid for e in kept] == list(reversed(pids))[:limit]
+
+
+async def test_workers_that_fail_to_start_are_recorded_once_each(tmp_path) -> None:
+    async with Pool(
+        "tests.workers.bad:dies_after_first_start",
+        size=1,
+        max_restarts=1,
+        restart_backoff=0.01,
+        env={"CORRAL_TEST_MARKER": str(tmp_path / "started-once")},
+    ) as pool:
+        first = pool.workers[0]
+        with pytest.raises(corral.WorkerCrashed):
+            await pool.call("die")
+        with pytest.raises(corral.PoolFailed):
+            await pool.wait_ready(timeout=20)
+        status = pool.status()
+    assert status.state == "failed"
+    *failures, died = status.evictions
+    assert (died.worker_id, died.pid, died.kind) == (first.id, first.pid, "died")
+    assert len(failures) == status.stats.failed_starts >= 2
+    assert len({e.worker_id for e in failures}) == len(failures)
+    assert all(e.kind == "failed_to_start" and e.pid is None for e in failures)
+    assert all("exited during start-up (exit code 9)" in e.reason for e in failures)
