@@ -59,10 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         "--url", help="read a running service's status page instead (its address, or status.json)"
     )
     top.add_argument(
-        "--duration", type=_positive, default=None, help="stop after SECONDS (default: Ctrl-C)"
+        "--duration",
+        type=_positive,
+        default=None,
+        metavar="SECONDS",
+        help="stop after SECONDS (default: Ctrl-C)",
     )
     top.add_argument(
-        "--interval", type=_positive, default=1.0, help="seconds between refreshes (default 1)"
+        "--interval",
+        type=_positive,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between refreshes (default 1)",
     )
     top.add_argument(
         "--no-load", action="store_true", help="do not run the demo load on the demo worker"
