@@ -46,7 +46,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package."""
-    session.install("-e", ".", "mypy", "psutil", "pytest", "pytest-asyncio", "hypothesis")
+    session.install("-e", ".[asgi,cli]", "mypy", "psutil", "pytest", "pytest-asyncio", "hypothesis")
     session.run("mypy", "--strict", "src/corral")
 
 
@@ -70,6 +70,17 @@ def bench(session: nox.Session) -> None:
     """The benchmark table: corral against the pipe floor and the alternatives."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def browser(session: nox.Session) -> None:
+    """The status page in headless chromium (needs ``apt-get install chromium``).
+
+    Playwright drives Debian's /usr/bin/chromium; its own browser downloads are
+    never used (no ``playwright install``). The screenshot lands in artifacts/.
+    """
+    session.install("-e", ".[test]", "playwright", "uvicorn")
+    session.run("pytest", "tests/browser", "-rs", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from benchmarks import tasks
 from benchmarks.floor import FloorPool
@@ -47,6 +47,27 @@ class Counts:
 FULL = Counts(latency_calls=3000, throughput_calls=30000, cpu_calls=2000, echo_calls=40, repeats=5)
 QUICK = Counts(latency_calls=200, throughput_calls=2000, cpu_calls=100, echo_calls=4, repeats=1)
 BIG_ECHOES = 3  # round trips of the 64 MiB payload (1 with --quick)
+FIGURES_PER_REPEAT = 6  # figures measure() takes per repeat
+EXTRA_FIGURES_PER_REPEAT = 6  # figures corral_extras() takes per repeat
+
+
+class Progress(Protocol):
+    """Told how many figures a run will take, then of each one as it is taken."""
+
+    def planned(self, figures: int) -> None: ...
+
+    def measured(self, system: str, figure: str) -> None: ...
+
+
+class _NoProgress:
+    def planned(self, figures: int) -> None:
+        return None
+
+    def measured(self, system: str, figure: str) -> None:
+        return None
+
+
+NO_PROGRESS: Progress = _NoProgress()
 
 
 # --- systems: each yields an async call(method, *args) -------------------------
@@ -163,12 +184,13 @@ SYSTEMS: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Call]]] =
 }
 
 
-async def measure(name: str, counts: Counts) -> dict[str, float]:
+async def measure(name: str, counts: Counts, progress: Progress = NO_PROGRESS) -> dict[str, float]:
     factory = SYSTEMS[name]
     figures: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:
         figures.setdefault(key, []).append(value)
+        progress.measured(name, key)
 
     for _ in range(counts.repeats):
         _pin({0})
@@ -192,11 +214,16 @@ async def measure(name: str, counts: Counts) -> dict[str, float]:
     return {key: statistics.median(values) for key, values in figures.items()}
 
 
-async def corral_extras(counts: Counts) -> dict[str, float]:
+async def corral_extras(counts: Counts, progress: Progress = NO_PROGRESS) -> dict[str, float]:
     """Figures only corral has: sessions versus plain calls, cold start."""
     import corral
 
     results: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        results.setdefault(key, []).append(value)
+        progress.measured("corral", key)
+
     for _ in range(counts.repeats):
         async with corral.Pool("benchmarks.corral_app:app", size=WORKERS) as pool:
             plain = await throughput(pool.call, "session_noop", counts.throughput_calls)
@@ -208,7 +235,7 @@ async def corral_extras(counts: Counts) -> dict[str, float]:
                 return await pool.call(method, *args, session=f"s{next(ids) % 64}")
 
             with_sessions = await throughput(session_call, "session_noop", counts.throughput_calls)
-        results.setdefault("session calls / plain calls", []).append(with_sessions / plain)
+        add("session calls / plain calls", with_sessions / plain)
         async with corral.Pool("benchmarks.corral_app:app", size=WORKERS) as pool:
             victim = pool.workers[0]
             assert victim.pid is not None
@@ -216,23 +243,17 @@ async def corral_extras(counts: Counts) -> dict[str, float]:
             os.kill(victim.pid, signal.SIGKILL)
             await pool._wait_until(lambda v=victim: v.state.value == "dead", 10)
             await pool.wait_ready(timeout=30)
-            results.setdefault("crashed worker to full capacity (ms)", []).append(
-                (time.perf_counter() - killed) * 1000
-            )
+            add("crashed worker to full capacity (ms)", (time.perf_counter() - killed) * 1000)
             rss = [w.sample_rss() or 0 for w in pool.workers]
             shepherd = _rss_of(pool.workers[0]._launched.pid) if pool.workers[0]._launched else 0
         bare = await _bare_interpreter_rss()
-        results.setdefault("idle worker RSS / bare interpreter RSS", []).append(
-            statistics.mean(rss) / bare
-        )
-        results.setdefault("idle worker RSS (MiB)", []).append(statistics.mean(rss) / MIB)
-        results.setdefault("shepherd RSS (MiB)", []).append(shepherd / MIB)
+        add("idle worker RSS / bare interpreter RSS", statistics.mean(rss) / bare)
+        add("idle worker RSS (MiB)", statistics.mean(rss) / MIB)
+        add("shepherd RSS (MiB)", shepherd / MIB)
         started = time.perf_counter()
         async with corral.Pool("benchmarks.corral_app:app", size=4) as pool:
             await asyncio.gather(*(pool.call("noop") for _ in range(4)))
-            results.setdefault("cold start, pool of 4 (ms)", []).append(
-                (time.perf_counter() - started) * 1000
-            )
+            add("cold start, pool of 4 (ms)", (time.perf_counter() - started) * 1000)
     return {key: statistics.median(values) for key, values in results.items()}
 
 
@@ -296,19 +317,29 @@ def _available(name: str) -> bool:
     return False
 
 
-async def main_async(args: argparse.Namespace) -> None:
+def planned_figures(names: list[str], counts: Counts) -> int:
+    """How many figures a run of these systems takes (what a progress bar counts)."""
+    figures = len(names) * counts.repeats * FIGURES_PER_REPEAT
+    if "corral" in names:
+        figures += counts.repeats * EXTRA_FIGURES_PER_REPEAT
+    return figures
+
+
+async def main_async(args: argparse.Namespace, progress: Progress = NO_PROGRESS) -> None:
+    """Measure the systems ``args`` names and print the table (``corral bench`` runs this)."""
     counts = QUICK if args.quick else FULL
     names = [n for n in SYSTEMS if n in args.systems] if args.systems else list(SYSTEMS)
     names = [n for n in names if _available(n)]
     if "floor" not in names:
         names.insert(0, "floor")
+    progress.planned(planned_figures(names, counts))
     results: dict[str, dict[str, float]] = {}
     for name in names:
         sys.stderr.write(f"measuring {name} ...\n")
-        results[name] = await measure(name, counts)
+        results[name] = await measure(name, counts, progress)
     if "corral" in names:
         sys.stderr.write("measuring corral sessions and cold start ...\n")
-        extras = await corral_extras(counts)
+        extras = await corral_extras(counts, progress)
         sys.stdout.write("\n")
     print_table(results)
     if "corral" in names:
@@ -316,12 +347,17 @@ async def main_async(args: argparse.Namespace) -> None:
             sys.stdout.write(f"corral {key}: {_format(value)}\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The harness's options, shared by ``python -m benchmarks.run`` and ``corral bench``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, one repeat")
     parser.add_argument("--uvloop", action="store_true", help="run the parent on uvloop")
     parser.add_argument("--systems", nargs="*", help=f"subset of {list(SYSTEMS)}")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, progress: Progress = NO_PROGRESS) -> None:
+    """Run the benchmark table on a fresh event loop (uvloop with ``--uvloop``)."""
     import logging
 
     import structlog
@@ -330,9 +366,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.uvloop:
         import uvloop
 
-        uvloop.run(main_async(args))
+        uvloop.run(main_async(args, progress))
     else:
-        asyncio.run(main_async(args))
+        asyncio.run(main_async(args, progress))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import httpx
+from tests._serve import serve_in_thread, status_demo_app
 
 import corral
+from corral._bench import find_checkout
 
 
 def test_corral_demo_runs_the_mixed_workload_and_ends_by_itself() -> None:
@@ -58,3 +65,89 @@ def test_corral_call_reports_a_typed_error() -> None:
     run = _corral("call", "tests.workers.basic:app", "fail", "boom")
     assert run.returncode == 1
     assert run.stderr.startswith("RemoteError: ValueError: boom")
+
+
+def test_corral_top_shows_a_live_pool_of_the_demo_worker_and_a_replaced_worker() -> None:
+    run = _corral("top", "--size", "2", "--duration", "6", "--crash-every", "3")
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "corral pool1  open  corral._demo_app:app" in out
+    lines = out.splitlines()
+    workers = [line.split() for line in lines if line.strip().startswith("pool1-w")]
+    evicted = [line.split() for line in lines if " died " in line]
+    assert len(workers) == 2, out
+    assert any(int(row[5].replace(",", "")) > 0 for row in workers if row[2] != "starting"), out
+    # The demo load killed a worker after 1 s (a third of --crash-every): it was replaced.
+    assert evicted and evicted[0][-2:] == ["signal", "SIGKILL"], out
+    assert {row[0] for row in workers}.isdisjoint({row[3] for row in evicted}), out
+
+
+def test_corral_top_reads_a_running_service_s_status_page() -> None:
+    with serve_in_thread(status_demo_app(size=2)) as base:
+        pids = [w["pid"] for w in httpx.get(f"{base}/corral/status.json").json()["workers"]]
+        run = _corral("top", "--url", f"{base}/corral", "--duration", "1.5", "--interval", "0.5")
+    assert run.returncode == 0, run.stderr
+    assert "corral demo  open  corral._demo_app:app" in run.stdout
+    for worker_id, pid in zip(("demo-w1", "demo-w2"), pids, strict=True):
+        assert re.search(rf"{worker_id}\s+{pid}\s+(ready|busy)", run.stdout), run.stdout
+
+
+def test_corral_top_says_when_it_cannot_reach_the_service() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # a port nobody listens on
+        port = unused.getsockname()[1]
+        run = _corral("top", "--url", f"http://127.0.0.1:{port}/corral", "--duration", "1")
+    assert run.returncode == 1
+    assert run.stderr.startswith(
+        f"corral top: cannot read http://127.0.0.1:{port}/corral/status.json"
+    )
+
+
+def test_corral_top_takes_a_target_or_a_url_not_both() -> None:
+    run = _corral("top", "tests.workers.basic:app", "--url", "http://127.0.0.1:1/")
+    assert run.returncode == 2
+    assert "not both" in run.stderr
+
+
+def test_corral_bench_finds_the_harness_of_a_source_checkout(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    assert find_checkout([tmp_path, root]) == root
+    assert find_checkout([tmp_path, tmp_path.parent]) is None
+
+
+def test_corral_bench_outside_a_checkout_says_where_to_run_it(tmp_path: Path) -> None:
+    # A copy of the CLI that sees neither this checkout nor one above the cwd.
+    run = subprocess.run(
+        [sys.executable, "-c", SEES_NO_CHECKOUT, "bench", "--quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("corral bench runs the benchmark harness of a corral source")
+    assert "pip install -e '.[bench]'" in run.stderr
+
+
+SEES_NO_CHECKOUT = """
+import sys
+import corral._bench as bench
+bench._candidates = lambda: []
+from corral._cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_rich_the_library_works_and_top_says_what_to_install() -> None:
+    # rich made unimportable: corral imports it only in ``top`` and ``bench``.
+    code = (
+        "import sys; sys.modules['rich'] = None\n"
+        "import corral, corral.asgi, corral.worker\n"
+        "from corral._cli import main\n"
+        "assert main(['call', 'tests.workers.basic:app', 'add', '1', '2']) == 0\n"
+        "sys.exit(main(['top', '--duration', '1']))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert run.stdout.strip() == "3"
+    assert "pip install 'corral[cli]'" in run.stderr

@@ -104,6 +104,16 @@ async def test_probes_say_alive_and_ready_once_started(client: httpx.AsyncClient
     assert stats["failed"] is False and stats["closed"] is False
 
 
+async def test_the_status_page_is_mounted_at_corral(client: httpx.AsyncClient) -> None:
+    await client.post("/chat", json={"message": "hi"}, headers={"X-User": "alice"})
+    page = await client.get("/corral/")
+    assert page.status_code == 200 and 'data-base="/corral"' in page.text
+    body = (await client.get("/corral/status.json")).json()
+    assert body["pool"] == "example" and body["state"] == "open"
+    assert len(body["workers"]) == 2 and all(w["pid"] for w in body["workers"])
+    assert sum(w["sessions"] for w in body["workers"]) == 1
+
+
 async def test_after_shutdown_probes_fail_and_no_worker_is_left() -> None:
     me = psutil.Process()
     async with running_service() as (manager, client):

@@ -9,6 +9,8 @@ when the server starts: importing this module starts nothing.
     DELETE /chat           forget X-User's history
     GET    /stream?text=a+b+c                    the words, one per line, as they come
     GET    /health/live, /health/ready           liveness and readiness probes
+    GET    /corral/                              the pool's live status page
+    GET    /corral/status.json                   the same, as JSON
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pydantic import BaseModel
 
 import corral
 from corral import Pool
-from corral.asgi import get_pool, health_routes, pool_lifespan, stream_response
+from corral.asgi import get_pool, health_routes, pool_lifespan, status_app, stream_response
 
 WORKER_TARGET = "examples.fastapi_app.worker:app"
 
@@ -40,6 +42,9 @@ def make_pool() -> Pool:
 
 app = FastAPI(title="corral example", lifespan=pool_lifespan(make_pool))
 app.router.routes.extend(health_routes())  # GET /health/live and /health/ready
+# The pool's live status page. It shows pids and error reasons: in a real
+# service, mount it where only operators can reach it.
+app.mount("/corral", status_app())
 
 PoolDep = Annotated[Pool, Depends(get_pool)]
 UserHeader = Annotated[str, Header(description="who is chatting; keys the session")]

@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._pool import CallStream, Pool, WorkerLease
 from ._stats import PoolStats
+from ._status import Eviction, PoolStatus, QueueInfo, WorkerInfo
 
 __version__ = "0.1.0"
 """corral's version."""
@@ -37,6 +38,7 @@ __all__ = [
     "CallTimeout",
     "CorralError",
     "EncodeError",
+    "Eviction",
     "MethodNotFound",
     "PayloadTooLarge",
     "Pool",
@@ -45,11 +47,14 @@ __all__ = [
     "PoolFailed",
     "PoolOverloaded",
     "PoolStats",
+    "PoolStatus",
     "PoolTimeout",
     "ProtocolError",
+    "QueueInfo",
     "RemoteError",
     "SessionLost",
     "WorkerCrashed",
+    "WorkerInfo",
     "WorkerLease",
     "WorkerStartError",
     "__version__",

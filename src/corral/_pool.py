@@ -48,6 +48,7 @@ from ._handle import _END, PendingCall, WorkerHandle
 from ._launcher import Launcher, LocalLauncher, WorkerSpec
 from ._state import WorkerState
 from ._stats import PoolStats
+from ._status import EvictionLog, PoolStatus, QueueInfo, build_status
 
 __all__ = ["CallStream", "Pool", "WorkerLease"]
 
@@ -211,6 +212,7 @@ class Pool:
         self._recent_deaths: collections.deque[float] = collections.deque()
         self._watchers: list[asyncio.Future[None]] = []  # woken on any change
         self._recycles = 0
+        self._evictions = EvictionLog()  # for status(): workers that left while open
         self._target = self.config.size  # workers wanted now: min_size..max_size
         self._last_grow = 0.0
         # session -> last use (monotonic), kept only when session_ttl is set
@@ -524,6 +526,29 @@ class Pool:
         """The live worker handles (read-only view, for inspection)."""
         return tuple(self._workers)
 
+    def status(self, *, rss: bool = False) -> PoolStatus:
+        """A snapshot worker by worker, with the wait queue and the recent evictions.
+
+        For status pages (``corral.asgi.status_app``) and ``corral top``; cheap
+        enough to take every second. ``rss=True`` also reads each worker's
+        resident memory from /proc (one small read per worker).
+        """
+        stats = self.stats()
+        queues = self._queues
+        plain, exclusive = len(queues.plain), len(queues.exclusive)
+        return build_status(
+            name=self.name,
+            target=self.target,
+            state="failed" if stats.failed else self._state,
+            workers=self._workers,
+            queue=QueueInfo(
+                calls=plain, checkouts=exclusive, sessions=len(queues) - plain - exclusive
+            ),
+            evictions=self._evictions,
+            stats=stats,
+            rss=rss,
+        )
+
     def __repr__(self) -> str:
         s = self.stats()
         state = self._state if self._state != "open" else ""
@@ -821,6 +846,8 @@ class Pool:
             )
         self._last_start_error = error
         self._log.warning("worker.start_failed", worker_id=worker.id, error=error.message)
+        if self._state in ("starting", "open"):
+            self._evictions.start_failed(worker, error.message)
         if len(self._start_failures) > self.config.max_restarts and self._failed is None:
             self._failed = error
             self._log.error("pool.failed", failed_starts=len(self._start_failures))
@@ -863,6 +890,8 @@ class Pool:
                     )
         while len(self._lost_sessions) > _LOST_SESSIONS_KEPT:
             del self._lost_sessions[next(iter(self._lost_sessions))]
+        if self._state == "open":
+            self._evictions.worker_left(worker)
         if self._state == "open" and worker.recycle_reason is None:
             self._recent_deaths.append(time.monotonic())
             if self._wake_supervisor is not None:

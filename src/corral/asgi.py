@@ -3,7 +3,8 @@
 Owns: opening pools in an ASGI lifespan and closing them at shutdown; the
 lifespan state keys the pools are found under; the request dependencies
 (``get_pool``, ``pool_dependency``, ``checkout_dependency``); the streaming
-response fed by a ``CallStream``; the liveness and readiness endpoints. Must not
+response fed by a ``CallStream``; the liveness and readiness endpoints; which
+pool the status page (``status_app``, built in ``_status_page``) shows. Must not
 touch: the pool's internals (only its public API), the worker side, or the
 server (no uvicorn import, no process or signal handling).
 
@@ -37,6 +38,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, TypedDict
 
 try:
+    from starlette.applications import Starlette
     from starlette.requests import HTTPConnection, Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
@@ -48,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from ._pool import CallStream, Pool, WorkerLease
+from ._status_page import build_status_app
 
 __all__ = [
     "POOLS_KEY",
@@ -67,6 +70,7 @@ __all__ = [
     "pool_lifespan",
     "readiness",
     "sse",
+    "status_app",
     "stream_response",
 ]
 
@@ -425,3 +429,40 @@ def health_routes(path_prefix: str = "/health") -> list[Route]:
             include_in_schema=False,
         ),
     ]
+
+
+# --- status page -----------------------------------------------------------------------
+
+
+def status_app(
+    pool: Pool | None = None, *, name: str | None = None, interval: float = 1.0
+) -> Starlette:
+    """A live status page for a pool: an ASGI app to mount anywhere.
+
+    ``GET /`` is one self-contained HTML page (no external assets) showing each
+    worker (pid, state, uptime, calls served, calls in flight, sessions, RSS),
+    the callers waiting, and the recent evictions with their reasons; it
+    refreshes itself every ``interval`` seconds. ``GET /status.json`` is the
+    same data (``Pool.status(rss=True).to_dict()``).
+
+    With ``pool``, the page shows that pool. Without it, it shows the pool of
+    the application's lifespan state (``pool_lifespan``/``open_pools``): the
+    first one, or the one named ``name``. Mount it::
+
+        app.mount("/corral", status_app())                       # FastAPI
+        Starlette(routes=[Mount("/corral", status_app())], ...)  # Starlette
+
+    The page shows pids, targets and error reasons: mount it where only
+    operators can reach it.
+    """
+    if pool is not None and not isinstance(pool, Pool):
+        raise TypeError(f"status_app() takes a corral.Pool or nothing, got {pool!r}")
+    if pool is not None and name is not None:
+        raise ValueError("give status_app() a pool or a pool name, not both")
+    if not interval > 0:
+        raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
+
+    def find_pool(conn: HTTPConnection) -> Pool:
+        return pool if pool is not None else _pool_of(conn, name)
+
+    return build_status_app(find_pool, interval=interval)
