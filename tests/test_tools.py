@@ -47,10 +47,10 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_repl_answers_a_line_with_its_output(mode: str) -> None:
-    async with ToolPool(REPL, size=1, prompt=PROMPT, mode=mode) as tools:
-        async with tools.instance() as repl:
-            assert await repl.run("1+1") == "2\n"
-            assert await repl.run("print('a'); print('b')") == "a\nb\n"
+    tools = ToolPool(REPL, size=1, prompt=PROMPT, mode=mode)
+    async with tools, tools.instance() as repl:
+        assert await repl.run("1+1") == "2\n"
+        assert await repl.run("print('a'); print('b')") == "a\nb\n"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -78,37 +78,47 @@ async def test_instance_leases_are_exclusive_and_time_out() -> None:
 
 
 async def test_a_read_timeout_returns_what_arrived_so_far() -> None:
-    async with ToolPool(REPL, size=1, prompt=PROMPT) as tools:
-        async with tools.instance() as repl:
-            await repl.send("import time; print('partial', flush=True); time.sleep(60)")
-            result = await repl.read_until(timeout=0.5)
-            assert isinstance(result, ReadResult)
-            assert result.text == "partial\n"
-            assert result.timed_out and not result.matched and not result.exited
-            await repl.interrupt()  # KeyboardInterrupt ends the sleep; the prompt comes back
-            after = await repl.read_until(timeout=10)
-            assert after.matched and "KeyboardInterrupt" in after.text
-            assert await repl.run("40+2") == "42\n"
+    async with ToolPool(REPL, size=1, prompt=PROMPT) as tools, tools.instance() as repl:
+        await repl.send("import time; print('partial', flush=True); time.sleep(60)")
+        result = await repl.read_until(timeout=0.5)
+        assert isinstance(result, ReadResult)
+        assert result.text == "partial\n"
+        assert result.timed_out and not result.matched and not result.exited
+        await repl.interrupt()  # KeyboardInterrupt ends the sleep; the prompt comes back
+        after = await repl.read_until(timeout=10)
+        assert after.matched and "KeyboardInterrupt" in after.text
+        assert await repl.run("40+2") == "42\n"
 
 
 async def test_run_raises_tool_timeout_carrying_the_partial_output() -> None:
-    async with ToolPool(REPL, size=1, prompt=PROMPT) as tools:
-        async with tools.instance() as repl:
-            with pytest.raises(ToolTimeout) as caught:
-                await repl.run("print('begun', flush=True); import time; time.sleep(60)", 0.5)
-            assert isinstance(caught.value, TimeoutError)
-            assert caught.value.output == "begun\n"
+    async with ToolPool(REPL, size=1, prompt=PROMPT) as tools, tools.instance() as repl:
+        with pytest.raises(ToolTimeout) as caught:
+            await repl.run("print('begun', flush=True); import time; time.sleep(60)", 0.5)
+        assert isinstance(caught.value, TimeoutError)
+        assert caught.value.output == "begun\n"
 
 
 async def test_read_until_a_marker_and_until_a_quiet_period() -> None:
-    async with ToolPool(REPL, size=1, prompt=PROMPT) as tools:
+    async with ToolPool(REPL, size=1) as tools:  # no prompt: markers and quiet periods only
         repl = tools.instances[0]
         await repl.send("print('one'); print('two')")
         first = await repl.read_until("one\n", timeout=10)
-        assert first.matched and first.text == ""
+        assert first.matched and first.text == PROMPT  # the first prompt, shown at start
         rest = await repl.read_until(quiet=0.2, timeout=10)
         assert rest.text == "two\n" + PROMPT
-        assert not rest.matched and not rest.timed_out and rest.quiet
+        assert rest.quiet and not rest.matched and not rest.timed_out
+
+
+async def test_with_a_prompt_a_quiet_period_is_a_fallback() -> None:
+    async with ToolPool(REPL, size=1, prompt=PROMPT) as tools:
+        repl = tools.instances[0]
+        await repl.send("print('done')")
+        assert (await repl.read_until(quiet=5, timeout=10)).matched
+        await repl.send(
+            "import sys; _ = sys.stdout.write('no newline'); sys.stdout.flush(); input()"
+        )
+        waiting = await repl.read_until(quiet=0.3, timeout=10)
+        assert waiting.quiet and waiting.text == "no newline"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -240,7 +250,7 @@ async def test_a_dead_worker_takes_its_tools_with_it_and_restart_recovers() -> N
         worker = tools.pool.workers[0]
         assert worker.pid is not None
         os.kill(worker.pid, signal.SIGKILL)
-        gone, alive = await asyncio.to_thread(
+        _gone, alive = await asyncio.to_thread(
             psutil.wait_procs, [psutil.Process(p) for p in pids], 10
         )
         assert not alive
