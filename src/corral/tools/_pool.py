@@ -34,6 +34,7 @@ from ._process import ToolSpec
 __all__ = ["ReadResult", "ToolHealth", "ToolInstance", "ToolPool", "ToolStatus"]
 
 WORKER_TARGET = "corral.tools._worker:app"
+_INSTANCES_PER_WORKER = 8  # default: one worker process per 8 programs
 _MARGIN = 5.0  # added to a read's own timeout for the call's deadline (the wire, the worker)
 _pool_numbers = itertools.count(1)
 
@@ -300,8 +301,8 @@ class ToolPool:
     ``read_timeout`` (default for reads), ``encoding``, ``strip_ansi`` (default:
     on for a pty), ``max_buffer`` (unread output kept before the program is
     made to wait), ``kill_grace`` (from closing a program's input to SIGKILL),
-    ``workers`` (worker processes hosting the programs; default
-    ``min(size, CPUs)``), ``name``; anything else is passed to corral's Pool.
+    ``workers`` (worker processes hosting the programs; default one per
+    8 instances: a worker only moves bytes, and each one adds to start-up time), ``name``; anything else is passed to corral's Pool.
     """
 
     def __init__(
@@ -350,7 +351,7 @@ class ToolPool:
         self.startup_timeout = startup_timeout
         self.read_timeout = read_timeout
         self.kill_grace = kill_grace
-        self.workers = workers or min(size, os.cpu_count() or 1)
+        self.workers = workers or -(-size // _INSTANCES_PER_WORKER)
         self.name = name or f"tools{next(_pool_numbers)}"
         spec = ToolSpec(
             argv=argv,
