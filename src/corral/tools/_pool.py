@@ -302,7 +302,8 @@ class ToolPool:
     on for a pty), ``max_buffer`` (unread output kept before the program is
     made to wait), ``kill_grace`` (from closing a program's input to SIGKILL),
     ``workers`` (worker processes hosting the programs; default one per
-    8 instances: a worker only moves bytes, and each one adds to start-up time), ``name``; anything else is passed to corral's Pool.
+    8 instances: a worker only moves bytes, and each one adds to start-up
+    time), ``name``; anything else is passed to corral's Pool.
     """
 
     def __init__(
