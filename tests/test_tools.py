@@ -279,3 +279,18 @@ async def test_bc_without_a_prompt_reads_to_a_marker(mode: str) -> None:
         await asyncio.gather(one.send("x"), two.send("x*6"))
         first, second = await asyncio.gather(one.read_until("\n"), two.read_until("\n"))
         assert (first.text, second.text) == (".250", "42")
+
+
+async def test_the_pool_runs_a_line_on_any_free_instance_and_reports_every_status() -> None:
+    async with ToolPool(REPL, size=2, prompt=PROMPT, name="calc") as tools:
+        assert await asyncio.gather(tools.run("6*7"), tools.run("6*7")) == ["42\n", "42\n"]
+        statuses = await tools.status()
+        assert [s.session_id for s in statuses] == ["calc-0", "calc-1"]
+        assert all(s.alive and s.bytes_in == len("6*7\n") for s in statuses)
+        assert "2 instances" in repr(tools) and "open" in repr(tools)
+
+
+async def test_run_without_a_prompt_is_a_usage_error() -> None:
+    async with ToolPool(REPL, size=1) as tools:
+        with pytest.raises(ValueError, match="prompt"):
+            await tools.instances[0].run("1")

@@ -255,9 +255,7 @@ class ToolProcess:
             data = os.read(self._read_fd, _READ_SIZE)
         except BlockingIOError:
             return
-        except OSError as exc:
-            if exc.errno != errno.EIO:  # EIO: every holder of the pty's other end closed it
-                raise
+        except OSError:  # EIO on a pty: every holder of its other end has closed it
             data = b""
         if not data:
             self._end_of_output()

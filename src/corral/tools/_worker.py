@@ -18,6 +18,8 @@ import asyncio
 import time
 from typing import Any
 
+import structlog
+
 from corral.worker import App, Context
 
 from ._process import ToolProcess, ToolSpec, ToolStartFailed
@@ -62,7 +64,14 @@ def _exited(tool: ToolProcess) -> dict[str, Any]:
     }
 
 
-async def _replace(session: dict[str, Any], spec: ToolSpec) -> dict[str, Any]:
+def _log(ctx: Context) -> Any:
+    return structlog.get_logger("corral.tools").bind(
+        worker_id=ctx.worker_id, session=ctx.session_id, call_id=ctx.call_id
+    )
+
+
+async def _replace(ctx: Context, spec: ToolSpec) -> dict[str, Any]:
+    session = _session(ctx)
     old = session.pop("tool", None)
     if isinstance(old, ToolProcess):
         _live.discard(old)
@@ -71,6 +80,9 @@ async def _replace(session: dict[str, Any], spec: ToolSpec) -> dict[str, Any]:
     try:
         banner = await tool.start()
     except ToolStartFailed as exc:
+        _log(ctx).warning(
+            "tool.start_failed", command=list(spec.argv), error=exc.message, exit=exc.exit_code
+        )
         return {
             "error": {
                 "kind": "start",
@@ -82,13 +94,14 @@ async def _replace(session: dict[str, Any], spec: ToolSpec) -> dict[str, Any]:
     session["tool"] = tool
     session["spec"] = spec
     _live.add(tool)
+    _log(ctx).info("tool.started", command=list(spec.argv), tool_pid=tool.pid, mode=spec.mode)
     return {"pid": tool.pid, "banner": banner}
 
 
 @app.handler("tool.start")
 async def start(spec: dict[str, Any], *, ctx: Context) -> dict[str, Any]:
     """Start the program ``spec`` describes (ToolSpec fields); replaces a running one."""
-    return await _replace(_session(ctx), ToolSpec.from_dict(spec))
+    return await _replace(ctx, ToolSpec.from_dict(spec))
 
 
 @app.handler("tool.restart")
@@ -100,7 +113,7 @@ async def restart(spec: dict[str, Any] | None = None, *, ctx: Context) -> dict[s
         if spec is None:
             raise ValueError("this session never started a program: pass its spec")
         known = ToolSpec.from_dict(spec)
-    return await _replace(session, known)
+    return await _replace(ctx, known)
 
 
 @app.handler("tool.send")
@@ -215,7 +228,9 @@ async def stop(*, grace: float | None = None, ctx: Context) -> int | None:
     if not isinstance(tool, ToolProcess):
         return None
     _live.discard(tool)
-    return await tool.stop(grace)
+    code = await tool.stop(grace)
+    _log(ctx).info("tool.stopped", tool_pid=tool.pid, exit=code)
+    return code
 
 
 @app.on_session_end
