@@ -294,3 +294,19 @@ async def test_run_without_a_prompt_is_a_usage_error() -> None:
     async with ToolPool(REPL, size=1) as tools:
         with pytest.raises(ValueError, match="prompt"):
             await tools.instances[0].run("1")
+
+
+async def test_send_never_blocks_on_a_program_that_is_not_reading() -> None:
+    async with ToolPool(REPL, size=1, prompt=PROMPT, mode="pipes") as tools:
+        repl = tools.instances[0]
+        await repl.send("import time; print('asleep', flush=True); time.sleep(60)")
+        assert (await repl.read_until("asleep\n", timeout=10)).matched
+        big = "x = '" + "a" * 1_000_000 + "'"
+        assert await repl.send(big) == len(big) + 1  # queued, far past any pipe buffer
+        status = await repl.status()
+        assert status.pending_input > 0  # the program has not taken it yet
+        await repl.interrupt()
+        assert "KeyboardInterrupt" in (await repl.read_until(timeout=10)).text
+        assert (await repl.read_until(timeout=30)).matched  # the prompt after the long line
+        assert await repl.run("len(x)", timeout=30) == "1000000\n"
+        assert (await repl.status()).pending_input == 0
