@@ -283,10 +283,11 @@ class _Lease:
 class ToolPool:
     """A pool of one interactive program, started ``size`` times, each with its own state.
 
-    >>> async with ToolPool("python3 -i -q", size=3, prompt=">>> ") as tools:
-    ...     async with tools.instance() as repl:
-    ...         await repl.run("1+1")
-    '2\\n'
+    Example::
+
+        async with ToolPool("python3 -i -q", size=3, prompt=">>> ") as tools:
+            async with tools.instance() as repl:
+                await repl.run("1+1")  # "2\\n"
 
     ``command`` is a command line (split like a shell would, without running
     one) or an argv list. ``mode`` is ``"pty"`` (the program sees a terminal:
@@ -434,8 +435,12 @@ class ToolPool:
                 waiter.set_exception(closed)
         try:
             # Stopping each program ends any read still waiting on it.
+            bound = self.kill_grace + _MARGIN
             await asyncio.gather(
-                *(self._pool.call("tool.stop", session=i.session_id) for i in self._instances),
+                *(
+                    self._pool.call("tool.stop", session=i.session_id, timeout=bound)
+                    for i in self._instances
+                ),
                 return_exceptions=True,
             )
         finally:
