@@ -80,7 +80,7 @@ async def test_instance_leases_are_exclusive_and_time_out() -> None:
 async def test_a_read_timeout_returns_what_arrived_so_far() -> None:
     async with ToolPool(REPL, size=1, prompt=PROMPT) as tools, tools.instance() as repl:
         await repl.send("import time; print('partial', flush=True); time.sleep(60)")
-        result = await repl.read_until(timeout=0.5)
+        result = await repl.read_until(timeout=3)  # the prompt cannot come: it sleeps
         assert isinstance(result, ReadResult)
         assert result.text == "partial\n"
         assert result.timed_out and not result.matched and not result.exited
@@ -93,7 +93,7 @@ async def test_a_read_timeout_returns_what_arrived_so_far() -> None:
 async def test_run_raises_tool_timeout_carrying_the_partial_output() -> None:
     async with ToolPool(REPL, size=1, prompt=PROMPT) as tools, tools.instance() as repl:
         with pytest.raises(ToolTimeout) as caught:
-            await repl.run("print('begun', flush=True); import time; time.sleep(60)", 0.5)
+            await repl.run("print('begun', flush=True); import time; time.sleep(60)", 3)
         assert isinstance(caught.value, TimeoutError)
         assert caught.value.output == "begun\n"
 
@@ -104,7 +104,7 @@ async def test_read_until_a_marker_and_until_a_quiet_period() -> None:
         await repl.send("print('one'); print('two')")
         first = await repl.read_until("one\n", timeout=10)
         assert first.matched and first.text == PROMPT  # the first prompt, shown at start
-        rest = await repl.read_until(quiet=0.2, timeout=10)
+        rest = await repl.read_until(quiet=1.0, timeout=10)
         assert rest.text == "two\n" + PROMPT
         assert rest.quiet and not rest.matched and not rest.timed_out
 
@@ -117,7 +117,7 @@ async def test_with_a_prompt_a_quiet_period_is_a_fallback() -> None:
         await repl.send(
             "import sys; _ = sys.stdout.write('no newline'); sys.stdout.flush(); input()"
         )
-        waiting = await repl.read_until(quiet=0.3, timeout=10)
+        waiting = await repl.read_until(quiet=1.0, timeout=10)
         assert waiting.quiet and waiting.text == "no newline"
 
 
@@ -202,7 +202,7 @@ async def test_a_tool_that_exits_at_start_says_which_command_code_and_output() -
 async def test_a_tool_that_never_shows_its_prompt_fails_to_start_within_the_timeout() -> None:
     command = [sys.executable, "-c", "print('hello', flush=True); import time; time.sleep(60)"]
     with pytest.raises(ToolStartError) as caught:
-        async with ToolPool(command, size=1, prompt=PROMPT, startup_timeout=0.5):
+        async with ToolPool(command, size=1, prompt=PROMPT, startup_timeout=3):
             pass
     assert "hello" in (caught.value.output_tail or "")
     assert "prompt" in str(caught.value)
