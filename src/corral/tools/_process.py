@@ -91,6 +91,7 @@ class ReadOutcome:
     exit_code: int | None
 
     def as_dict(self) -> dict[str, Any]:
+        """As the worker returns it over the wire."""
         return {"text": self.text, "reason": self.reason, "exit_code": self.exit_code}
 
 
