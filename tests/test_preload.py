@@ -145,6 +145,16 @@ async def test_a_template_started_again_serves_later_replacements(import_log) ->
         assert second in _imports(import_log)
 
 
+async def test_reload_imports_the_preloaded_modules_afresh(import_log) -> None:
+    async with _pool(import_log, size=2, env={"CORRAL_TEST_IMPORT_SECONDS": "0"}) as pool:
+        before = await pool.call("imported_by")
+        await pool.reload(timeout=30)
+        seen = await _pids_by_worker(pool)
+        after = {importer for _, importer in seen.values()}
+        assert len(after) == 1 and before not in after
+        assert _imports(import_log) == [before, *after]
+
+
 async def test_a_preload_that_fails_to_import_fails_the_start_clearly() -> None:
     started = time.monotonic()
     with pytest.raises(corral.WorkerStartError) as failed:

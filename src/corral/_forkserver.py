@@ -499,6 +499,7 @@ class _Slot:
         self.started_once = False
         self.restarting: asyncio.Task[None] | None = None
         self.starting: Template | None = None  # being started, by launch() or a restart
+        self.last_spec: WorkerSpec | None = None  # the spec a template is started for
         self.failures = 0
         self.retry_at = 0.0
 
@@ -520,6 +521,7 @@ class Templates:
         if self._closed:
             return None
         slot = self._slots.setdefault(self._key(spec), _Slot())
+        slot.last_spec = spec
         if not slot.started_once:
             async with slot.lock:
                 if not slot.started_once:
@@ -575,6 +577,20 @@ class Templates:
         slot.failures = 0
         slot.template = template
         _log.info("template.restarted", pid=template.pid)
+
+    async def refresh(self) -> None:
+        """Start every template afresh (new code in preloaded modules) and wait for it.
+
+        Until a new template is ready, workers are spawned plainly; if one fails
+        to start, the failure is logged and workers keep being spawned plainly.
+        """
+        for slot in self._slots.values():
+            if slot.started_once and slot.restarting is None and slot.last_spec is not None:
+                slot.retry_at = 0.0
+                self._restart_later(slot, slot.last_spec)
+        restarting = [s.restarting for s in self._slots.values() if s.restarting is not None]
+        if restarting:
+            await asyncio.wait(restarting)
 
     def alive(self) -> list[Template]:
         """The templates alive now."""

@@ -323,6 +323,10 @@ class LocalLauncher:
         """Wait until a template is alive; raises TimeoutError past ``timeout``."""
         await self._templates.wait_ready(timeout)
 
+    async def refresh(self) -> None:
+        """Start the templates afresh, so forked workers get new code; waits for them."""
+        await self._templates.refresh()
+
     async def aclose(self) -> None:
         """Stop every template (forked workers keep running until their pool stops them)."""
         await self._templates.aclose()

@@ -467,8 +467,13 @@ class Pool:
         replaced by a fresh one started from the same target (so new code or a
         new model is picked up). Sessions held by a replaced worker are lost:
         their next call gets SessionLost. ``timeout`` bounds each replacement.
+        With ``preload``, a new template imports the preloaded modules first,
+        and the replacements are forked from it.
         """
         self._check_open()
+        refresh = getattr(self._launcher, "refresh", None)  # preloaded modules: new code too
+        if refresh is not None:
+            await refresh()
         for worker in [w for w in self._workers if w.state.accepting]:
             if worker not in self._workers or not worker.state.accepting:
                 continue

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -282,6 +283,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     sock.setblocking(True)
     os.dup2(2, 1)  # stray prints go to the template's stderr, like a worker's
     _preload(sock, [m for m in args.preload.split(",") if m])
+    # Move everything imported so far out of the collector's reach: a collection
+    # in a worker then does not write to (and so copy) the pages it shares with us.
+    gc.collect()
+    gc.freeze()
     _send(sock, {"ready": os.getpid()})
     _serve(sock)
 
