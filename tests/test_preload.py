@@ -111,6 +111,22 @@ async def test_a_crashed_forked_worker_takes_its_grandchildren_with_it(import_lo
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 
 
+async def test_a_killed_shepherd_takes_its_forked_worker_and_is_reported(import_log) -> None:
+    async with _pool(import_log, size=1) as pool:
+        worker_pid = await pool.call("pid")
+        grandchild = await pool.call("spawn_grandchild")
+        call = asyncio.ensure_future(pool.call("sleep", 30))
+        os.kill(pool.workers[0]._launched.pid, signal.SIGKILL)
+        with pytest.raises(corral.WorkerCrashed) as crashed:
+            await call
+        assert crashed.value.exit_code == -9
+        procs = [psutil.Process(p) for p in (worker_pid, grandchild) if psutil.pid_exists(p)]
+        _, alive = psutil.wait_procs(procs, timeout=2.0)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        await pool.wait_ready(timeout=10)
+        assert await pool.call("add", 1, 2) == 3
+
+
 async def test_a_killed_template_fails_no_call_and_the_pool_recovers(import_log) -> None:
     async with _pool(import_log, size=2) as pool:
         template = await pool.call("imported_by")
