@@ -71,6 +71,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--import-seconds", type=float, default=1.0)
     args = parser.parse_args()
+    import logging
+
+    import structlog
+
+    # corral logs through structlog; keep its lines off the table.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     print(
         f"replacement worker, first call, ms ({args.rounds} crashes per mode, "
         f"import takes {args.import_seconds} s)"

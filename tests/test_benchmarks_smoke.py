@@ -30,3 +30,24 @@ def test_quick_benchmark_prints_the_table_with_ratios() -> None:
         assert row in run.stdout
     assert "(1.00x)" in run.stdout  # the floor's own column
     assert "corral session calls / plain calls" in run.stdout
+
+
+def test_preload_benchmark_prints_both_modes() -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.preload",
+            "--rounds",
+            "1",
+            "--import-seconds",
+            "0.1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    for mode in ("plain", "preload"):
+        assert f"{mode:8} launch to first result: median" in run.stdout

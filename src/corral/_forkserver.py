@@ -88,6 +88,7 @@ class Template:
 
     @property
     def stderr_tail(self) -> str:
+        """The template's last stderr lines (its shepherd's and its own)."""
         return "\n".join(self._stderr)
 
     # --- ProcessEvents, from the shepherd's transport ---------------------------------
@@ -385,6 +386,7 @@ class ForkedWorker:
     # --- from the pipes -------------------------------------------------------------
 
     def status_line(self, words: list[str]) -> None:
+        """One line from the shepherd: ``started C W``, ``exit CODE`` or ``error ...``."""
         if len(words) == 3 and words[0] == "started" and not self.started.done():
             self._pid, self.worker_pid = int(words[1]), int(words[2])
             with contextlib.suppress(AttributeError, OSError):
@@ -398,6 +400,7 @@ class ForkedWorker:
             self.started.exception()  # retrieved: the launcher may have stopped waiting
 
     def status_closed(self) -> None:
+        """The shepherd's end of the status pipe closed: it has ended."""
         if not self.started.done():
             self.started.set_exception(_Unavailable("the template ended the request unanswered"))
             self.started.exception()
@@ -416,6 +419,7 @@ class ForkedWorker:
         return data[-2000:].decode(errors="replace").strip()
 
     def stderr_data(self, data: bytes | None) -> None:
+        """Worker output (None: the pipe closed), held until ``attach``."""
         if self._events is None:
             self._early_stderr.append(data)
         elif data is None:
@@ -441,9 +445,11 @@ class ForkedWorker:
                 os.kill(self._pid, sig)
 
     def terminate(self) -> None:
+        """Ask politely: the shepherd forwards SIGTERM to the worker's group."""
         self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
+        """SIGKILL the worker's whole group (by its shepherd)."""
         self._signal(signal.SIGUSR1)
         self._close_lifeline()  # the shepherd kills the group on lifeline EOF too
 
@@ -467,6 +473,7 @@ class ForkedWorker:
             self._pidfd = -1
 
     def close(self) -> None:
+        """Release every descriptor and transport; the shepherd then kills the group."""
         self.discard()
         self.connection.close()
 
