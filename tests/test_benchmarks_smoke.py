@@ -50,3 +50,24 @@ def test_the_harness_still_runs_as_a_module() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert "--quick" in run.stdout and "--systems" in run.stdout
+
+
+def test_preload_benchmark_prints_both_modes() -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.preload",
+            "--rounds",
+            "1",
+            "--import-seconds",
+            "0.1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    for mode in ("plain", "preload"):
+        assert f"{mode:8} launch to first result: median" in run.stdout

@@ -29,3 +29,22 @@ def test_the_pool_works_on_uvloop() -> None:
                 await pool.call("async_sleep", 5, timeout=0.1)
 
     uvloop.run(main())
+
+
+def test_preloaded_workers_work_on_uvloop(tmp_path) -> None:
+    async def main() -> None:
+        async with corral.Pool(
+            "tests.workers.preloaded:app",
+            size=1,
+            preload=["tests.workers.slow_import"],
+            env={"CORRAL_TEST_IMPORT_SECONDS": "0"},
+        ) as pool:
+            template = await pool.call("imported_by")
+            assert template != await pool.call("pid")
+            with pytest.raises(corral.WorkerCrashed) as info:
+                await pool.call("exit_now", 4)
+            assert info.value.exit_code == 4
+            await pool.wait_ready(timeout=10)
+            assert await pool.call("imported_by") == template
+
+    uvloop.run(main())

@@ -44,6 +44,10 @@ class PoolConfig:
     #: Resource limits applied to each worker process from the parent, by name:
     #: ``{"cpu": seconds, "nofile": count, "core": bytes, "nproc": count}``.
     worker_rlimits: Mapping[str, int] = field(default_factory=dict)
+    #: Modules imported once, in a template process that serves no call; workers
+    #: (new and replacements) are forked from it, so they start without paying
+    #: for those imports. Empty: every worker is spawned and imports for itself.
+    preload: Sequence[str] = ()
     #: Working directory of the workers; None means the parent's.
     cwd: str | None = None
     #: Calls one worker may have in flight at once (pipelining). Sync handlers
@@ -152,6 +156,14 @@ class PoolConfig:
         if unknown:
             raise ValueError(f"unknown worker_rlimits {sorted(unknown)}")
         object.__setattr__(self, "worker_rlimits", dict(self.worker_rlimits))
+        if isinstance(self.preload, str):
+            raise ValueError("preload must be a sequence of module names, not a string")
+        for module in self.preload:
+            if not isinstance(module, str) or not all(
+                part.isidentifier() for part in module.split(".")
+            ):
+                raise ValueError(f"preload entries must be module names, got {module!r}")
+        object.__setattr__(self, "preload", tuple(self.preload))
         if self.env_allowlist is not None:
             if isinstance(self.env_allowlist, str):
                 raise ValueError("env_allowlist must be a sequence of names, not a string")

@@ -3,7 +3,9 @@
 Owns: building the worker's command line and environment, spawning it under a
 shepherd (see ``_shepherd.py``) in a new session, the descriptors it gets (the
 protocol pipes (calls, replies, control) and the lifeline, nothing else), and the signals that stop
-it. Must not touch: what travels on the protocol pipes (``_transport``) or what
+it. With ``WorkerSpec.preload``, workers are forked from a preloaded template
+instead (``_forkserver``), and spawned as here whenever no template can serve.
+Must not touch: what travels on the protocol pipes (``_transport``) or what
 the messages mean (``_handle``). A launcher that places workers elsewhere (a
 cluster) offers the same ``Launcher``/``LaunchedWorker`` surface.
 """
@@ -15,13 +17,15 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+from . import _forkserver
 from ._errors import ProtocolError, WorkerStartError
 from ._framing import FrameDecoder, FrameEncoder
 from ._messages import ParentBound
@@ -31,6 +35,7 @@ __all__ = [
     "LaunchedWorker",
     "Launcher",
     "LocalLauncher",
+    "ProcessEvents",
     "WorkerEvents",
     "WorkerSpec",
 ]
@@ -53,6 +58,7 @@ _BOOTSTRAP = (
     "from corral.worker.__main__ import main\n"
     "main()\n"
 )
+_TEMPLATE_BOOTSTRAP = _BOOTSTRAP.replace("corral.worker.__main__", "corral.worker._template")
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class WorkerSpec:
     max_message_size: int = 0
     env_allowlist: tuple[str, ...] | None = None  # None: inherit the whole environment
     single_threaded_math: bool = True
+    preload: tuple[str, ...] = ()  # modules a template imports once; workers fork from it
+    startup_timeout: float = 60.0  # bounds the template's preload imports too
 
     def command(self, read_fd: int, write_fd: int, control_fd: int) -> list[str]:
         """The worker's argv (without the shepherd in front)."""
@@ -83,6 +91,13 @@ class WorkerSpec:
             return [sys.executable, "-c", _BOOTSTRAP, *args]
         return [self.python, "-m", "corral.worker", *args]
 
+    def template_command(self, socket_fd: int) -> list[str]:
+        """The preload template's argv (without the shepherd in front)."""
+        args = ["--socket", str(socket_fd), "--preload", ",".join(self.preload)]
+        if self.python is None:
+            return [sys.executable, "-c", _TEMPLATE_BOOTSTRAP, *args]
+        return [self.python, "-m", "corral.worker._template", *args]
+
     def environment(self) -> dict[str, str]:
         if self.env_allowlist is None:
             inherited = dict(os.environ)
@@ -97,15 +112,20 @@ class WorkerSpec:
         return env
 
 
-class WorkerEvents(Protocol):
+class ProcessEvents(Protocol):
+    """What a process under a shepherd reports, all on the event loop."""
+
+    def stderr_received(self, data: bytes) -> None: ...
+    def stderr_closed(self) -> None: ...
+    def process_exited(self, returncode: int) -> None: ...
+
+
+class WorkerEvents(ProcessEvents, Protocol):
     """What a launched worker reports to its handle, all on the event loop."""
 
     def frame_received(self, message: Any) -> None: ...
     def connection_broken(self, error: ProtocolError | None) -> None: ...
     def frames_done(self) -> None: ...
-    def stderr_received(self, data: bytes) -> None: ...
-    def stderr_closed(self) -> None: ...
-    def process_exited(self, returncode: int) -> None: ...
 
 
 class LaunchedWorker(Protocol):
@@ -132,7 +152,7 @@ class Launcher(Protocol):
 
 
 class _ShepherdProtocol(asyncio.SubprocessProtocol):
-    def __init__(self, events: WorkerEvents) -> None:
+    def __init__(self, events: ProcessEvents) -> None:
         self.events = events
         self.transport: asyncio.SubprocessTransport | None = None
 
@@ -158,13 +178,11 @@ class _LocalWorker:
     def __init__(
         self,
         transport: asyncio.SubprocessTransport,
-        protocol: _ShepherdProtocol,
         connection: FrameConnection,
         lifeline: int,
         parent_fds: tuple[int, ...] = (),
     ) -> None:
         self._transport = transport
-        self._protocol = protocol
         self.connection = connection
         self._lifeline = lifeline
         self._pid = transport.get_pid()
@@ -229,50 +247,120 @@ class _LocalWorker:
             self._close_lifeline()
 
 
-class LocalLauncher:
-    """Starts each worker as a local subprocess under its own shepherd."""
+async def spawn_under_shepherd(
+    command: Sequence[str],
+    child_fds: Sequence[int],
+    events: ProcessEvents,
+    env: Mapping[str, str],
+    cwd: str | None,
+    worker_id: str | None = None,
+) -> tuple[asyncio.SubprocessTransport, int]:
+    """Start ``command`` under a shepherd in a new session; returns (transport, lifeline).
 
-    async def launch(self, spec: WorkerSpec, events: WorkerEvents) -> _LocalWorker:
-        loop = asyncio.get_running_loop()
+    The child gets ``child_fds`` (and the shepherd's lifeline), nothing else; the
+    caller still owns ``child_fds`` and closes them. The lifeline's write end is
+    the caller's: closing it kills the process's group.
+    """
+    loop = asyncio.get_running_loop()
+    lifeline_r, lifeline_w = os.pipe()
+    full = [sys.executable, "-I", "-S", SHEPHERD, str(lifeline_r), "--", *command]
+    try:
+        try:
+            transport, _ = await loop.subprocess_exec(  # uvloop's is duck-typed
+                lambda: _ShepherdProtocol(events),
+                *full,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(*child_fds, lifeline_r),
+                close_fds=True,
+                start_new_session=True,
+                env=env,
+                cwd=cwd,
+            )
+        except OSError as exc:
+            raise WorkerStartError(
+                f"cannot start worker process: {exc}", worker_id=worker_id
+            ) from exc
+    except BaseException:
+        os.close(lifeline_w)
+        raise
+    finally:
+        os.close(lifeline_r)
+    return transport, lifeline_w
+
+
+#: Whether workers can be forked from a template here (a platform without fork()
+#: or SCM_RIGHTS spawns every worker plainly).
+FORK_AVAILABLE = hasattr(os, "fork") and hasattr(socket, "send_fds")
+
+
+class LocalLauncher:
+    """Starts each worker as a local subprocess under its own shepherd.
+
+    With ``WorkerSpec.preload``, it keeps one template per preload list and
+    environment and forks workers from it (see ``_forkserver``); it falls back
+    to spawning while no template can serve. ``aclose()`` stops the templates:
+    the pool calls it once its workers are gone.
+    """
+
+    def __init__(self) -> None:
+        self._templates = _forkserver.Templates(spawn_under_shepherd)
+
+    async def launch(self, spec: WorkerSpec, events: WorkerEvents) -> LaunchedWorker:
+        """Start one worker: forked from a template if preloading, else spawned."""
+        if spec.preload and FORK_AVAILABLE:
+            forked = await self._templates.launch(spec, events)
+            if forked is not None:
+                return forked
+        return await self._spawn(spec, events)
+
+    def templates(self) -> list[_forkserver.Template]:
+        """The templates alive now (for inspection and tests)."""
+        return self._templates.alive()
+
+    async def wait_templates_ready(self, timeout: float) -> None:
+        """Wait until a template is alive; raises TimeoutError past ``timeout``."""
+        await self._templates.wait_ready(timeout)
+
+    async def refresh(self) -> None:
+        """Start the templates afresh, so forked workers get new code; waits for them."""
+        await self._templates.refresh()
+
+    async def aclose(self) -> None:
+        """Stop every template (forked workers keep running until their pool stops them)."""
+        await self._templates.aclose()
+
+    def abandon(self) -> None:
+        """Last resort when the pool is garbage: kill the templates, await nothing."""
+        self._templates.abandon()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child of the pool's process: drop the templates' descriptors."""
+        self._templates.forget_after_fork()
+
+    async def _spawn(self, spec: WorkerSpec, events: WorkerEvents) -> _LocalWorker:
         to_worker_r, to_worker_w = os.pipe()
         to_parent_r, to_parent_w = os.pipe()
         control_r, control_w = os.pipe()
-        lifeline_r, lifeline_w = os.pipe()
-        child_ends = (to_worker_r, to_parent_w, control_r, lifeline_r)
-        parent_ends = [to_parent_r, to_worker_w, control_w, lifeline_w]
-        command = [
-            sys.executable,
-            "-I",
-            "-S",
-            SHEPHERD,
-            str(lifeline_r),
-            "--",
-            *spec.command(to_worker_r, to_parent_w, control_r),
-        ]
+        child_ends = (to_worker_r, to_parent_w, control_r)
+        parent_ends = [to_parent_r, to_worker_w, control_w]
         try:
-            try:
-                transport, protocol = await loop.subprocess_exec(
-                    lambda: _ShepherdProtocol(events),
-                    *command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    pass_fds=child_ends,
-                    close_fds=True,
-                    start_new_session=True,
-                    env=spec.environment(),
-                    cwd=spec.cwd,
-                )
-            except OSError as exc:
-                raise WorkerStartError(
-                    f"cannot start worker process: {exc}", worker_id=spec.worker_id
-                ) from exc
+            transport, lifeline_w = await spawn_under_shepherd(
+                spec.command(to_worker_r, to_parent_w, control_r),
+                child_ends,
+                events,
+                spec.environment(),
+                spec.cwd,
+                spec.worker_id,
+            )
         except BaseException:
-            for fd in (*child_ends, *parent_ends):
+            for fd in parent_ends:
                 os.close(fd)
             raise
-        for fd in child_ends:
-            os.close(fd)
+        finally:
+            for fd in child_ends:
+                os.close(fd)
         try:
             connection = await open_pipe_connection(
                 to_parent_r,
@@ -289,7 +377,6 @@ class LocalLauncher:
             raise
         return _LocalWorker(
             transport,
-            protocol,
             connection,
             lifeline_w,
             parent_fds=(to_parent_r, to_worker_w, control_w),

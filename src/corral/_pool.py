@@ -306,6 +306,9 @@ class Pool:
         await asyncio.gather(
             *(w.shutdown(self.config.shutdown_grace, self.config.kill_grace) for w in workers)
         )
+        close_launcher = getattr(self._launcher, "aclose", None)  # its preload templates
+        if close_launcher is not None:
+            await close_launcher()
         self._workers.clear()
         self._sessions.clear()
         self._state = "closed"
@@ -466,8 +469,13 @@ class Pool:
         replaced by a fresh one started from the same target (so new code or a
         new model is picked up). Sessions held by a replaced worker are lost:
         their next call gets SessionLost. ``timeout`` bounds each replacement.
+        With ``preload``, a new template imports the preloaded modules first,
+        and the replacements are forked from it.
         """
         self._check_open()
+        refresh = getattr(self._launcher, "refresh", None)  # preloaded modules: new code too
+        if refresh is not None:
+            await refresh()
         for worker in [w for w in self._workers if w.state.accepting]:
             if worker not in self._workers or not worker.state.accepting:
                 continue
@@ -583,6 +591,9 @@ class Pool:
         """In a forked child: let go of the parent's workers without touching them."""
         for worker in self._workers:
             worker.forget_after_fork()
+        forget = getattr(self._launcher, "forget_after_fork", None)
+        if forget is not None:
+            forget()
 
     def _check_open(self) -> None:
         self._check_fork()
@@ -805,6 +816,8 @@ class Pool:
             single_threaded_math=self.config.single_threaded_math,
             cwd=self.config.cwd,
             max_message_size=self.config.max_message_size,
+            preload=cast("tuple[str, ...]", self.config.preload),
+            startup_timeout=self.config.startup_timeout,
         )
         worker = WorkerHandle(
             spec,
@@ -929,6 +942,9 @@ class Pool:
                 self._state = "closed"
                 for worker in self._workers:
                     worker.abandon()
+                abandon = getattr(self._launcher, "abandon", None)
+                if abandon is not None:
+                    abandon()
             raise
 
     async def _supervise_forever(self) -> None:

@@ -87,6 +87,19 @@ def main(argv: list[str]) -> None:
     os.closerange(3, lifeline)
     os.closerange(lifeline + 1, 65536)
 
+    status = supervise(worker_pid, lifeline)
+    if status is None:
+        os._exit(0)
+    _mirror(status)
+
+
+def supervise(worker_pid: int, lifeline: int) -> int | None:
+    """Wait for the worker to end or the lifeline to close; clear its group; reap it.
+
+    Returns the worker's wait status (None if it was reaped elsewhere). Also run
+    by the per-worker shepherd of a worker forked from a template
+    (``corral.worker._template``).
+    """
     try:
         watch = os.pidfd_open(worker_pid)
     except (AttributeError, OSError):
@@ -112,18 +125,19 @@ def main(argv: list[str]) -> None:
                 break
         elif watch in ready:
             break
+    if watch >= 0:
+        os.close(watch)
     # The worker has ended (a zombie still owns its pid and group id) or is being
     # killed: clear out its group, then reap it.
     _kill_group(worker_pid, signal.SIGKILL)
     while True:
         try:
             _, status = os.waitpid(worker_pid, 0)
-            break
+            return status
         except InterruptedError:
             continue
         except ChildProcessError:
-            os._exit(0)
-    _mirror(status)
+            return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+"""A preload module that cannot be imported."""
+
+raise RuntimeError("preload boom: this module refuses to load")
