@@ -42,7 +42,7 @@ DEFAULT_SCRIPT: dict[str, dict[str, Any]] = {
         "answer": "Paris",
         "confidence": 0.95,
     },
-    "long": {
+    "long answer": {
         "reasoning": "A long question deserves a long answer.",
         "answer": LONG_STORY,
         "confidence": 0.5,
