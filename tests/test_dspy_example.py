@@ -22,7 +22,7 @@ pytest.importorskip("dspy")
 import httpx
 from asgi_lifespan import LifespanManager
 
-from corral import Pool, RemoteError, SessionLost
+from corral import Pool, RemoteError, SessionLost, WorkerStartError
 from corral.pytest_plugin import PoolFactory
 
 WORKER = "examples.dspy_service.worker:app"
@@ -206,6 +206,14 @@ async def test_nothing_reaches_for_the_network(corral_pool: PoolFactory) -> None
     question = {"question": "a long answer please", "context": []}
     assert [x async for x in pool.stream("stream", "qa", question, session="s")]
     assert await pool.call("network_attempts") == []
+
+
+async def test_a_worker_with_bad_settings_does_not_start_and_says_why() -> None:
+    env = {**ENV, "DSPY_SERVICE_SCRIPT": "[1, 2]"}
+    pool = Pool(WORKER, size=1, env=env, startup_timeout=STARTUP, max_restarts=0)
+    with pytest.raises(WorkerStartError) as failed:
+        await pool.start()
+    assert "DSPY_SERVICE_SCRIPT must map a piece of question text" in str(failed.value)
 
 
 # --- the FastAPI front ----------------------------------------------------------------
