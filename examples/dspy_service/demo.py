@@ -73,6 +73,8 @@ async def main() -> None:
         say(f"alice rebuilt her program on worker {rebuilt['worker_pid']}: {rebuilt['outputs']}")
         bob = await pool.call("run", "qa", FRANCE, session="bob")
         say(f"bob did not notice: call number {bob['calls']} on worker {bob['worker_pid']}")
+        await pool.wait_ready(timeout=120.0)  # the replacement has imported DSPy too
+        say(f"replaced: {pool.stats().ready} workers ready, {pool.stats().restarts} restart")
 
 
 if __name__ == "__main__":
