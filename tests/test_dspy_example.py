@@ -192,6 +192,21 @@ async def test_a_long_answer_streams_in_chunks_then_the_whole_prediction(
     assert again["calls"] == 2
 
 
+async def test_another_text_field_streams_on_request_and_a_number_does_not(
+    corral_pool: PoolFactory,
+) -> None:
+    pool = await dspy_pool(corral_pool)
+    await pool.call("build", "cot", QA, kind="chain_of_thought", session="s", timeout=30)
+    items = [x async for x in pool.stream("stream", "cot", france(), "reasoning", session="s")]
+    assert "".join(item["delta"] for item in items[:-1]).strip() == "Paris is the capital."
+    assert items[-1]["field"] == "reasoning"
+    with pytest.raises(RemoteError) as number:
+        async for _ in pool.stream("stream", "cot", france(), "confidence", session="s"):
+            pass
+    assert number.value.type.endswith("InputError")
+    assert "reasoning, answer" in number.value.message
+
+
 async def test_nothing_reaches_for_the_network(corral_pool: PoolFactory) -> None:
     # The audited worker installs an audit hook before DSPy is imported: every
     # socket connect or DNS lookup is recorded and refused (as with no route).

@@ -60,17 +60,17 @@ class Program:
     """One built DSPy module in a session, with what it was built from."""
 
     kind: str
-    signature: str
+    signature: str  # as the caller wrote it
+    fields: Any  # the dspy.Signature made of it
     module: Any  # dspy.Predict or dspy.ChainOfThought
     calls: int = 0
 
     def describe(self) -> dict[str, Any]:
-        fields = self.module.predictors()[-1].signature
         return {
             "kind": self.kind,
             "signature": self.signature,
-            "inputs": list(fields.input_fields),
-            "outputs": [name for name in fields.output_fields if name != "reasoning"],
+            "inputs": list(self.fields.input_fields),
+            "outputs": list(self.fields.output_fields),
         }
 
 
@@ -155,7 +155,7 @@ def build(
     dspy = _dspy()
     made = _make_signature(signature, instructions)
     module = dspy.Predict(made) if kind == "predict" else dspy.ChainOfThought(made)
-    program = Program(kind=kind, signature=signature, module=module)
+    program = Program(kind=kind, signature=signature, fields=made, module=module)
     _programs(ctx)[name] = program
     return {"name": name, **program.describe()}
 
@@ -169,7 +169,7 @@ def programs(*, ctx: Context) -> dict[str, dict[str, str]]:
 def _check_inputs(program: Program, inputs: Any) -> dict[str, Any]:
     if not isinstance(inputs, dict):
         raise InputError(f"inputs are a dict of field -> value, got {type(inputs).__name__}")
-    expected = list(program.module.predictors()[-1].signature.input_fields)
+    expected = list(program.fields.input_fields)
     missing = [field for field in expected if field not in inputs]
     unexpected = [field for field in inputs if field not in expected]
     if missing or unexpected:
@@ -193,14 +193,19 @@ def run(name: str, inputs: dict[str, Any], *, ctx: Context) -> dict[str, Any]:
 
 
 def _stream_field(program: Program, field: str | None) -> str:
-    outputs = program.module.predictors()[-1].signature.output_fields
-    text_fields = [name for name, info in outputs.items() if info.annotation is str]
-    if field is None and text_fields:
-        return text_fields[-1] if text_fields[0] == "reasoning" else text_fields[0]
-    if field not in text_fields:
+    # What the LM writes (with ChainOfThought, "reasoning" too) may stream;
+    # by default, the caller's first str output.
+    written = program.module.predictors()[-1].signature.output_fields
+    streamable = [name for name, info in written.items() if info.annotation is str]
+    if field is None:
+        field = next(
+            (name for name, info in program.fields.output_fields.items() if info.annotation is str),
+            None,
+        )
+    if field not in streamable:
         raise InputError(
             f"cannot stream {field!r} of {program.signature!r}: "
-            f"only its str outputs stream ({', '.join(text_fields) or 'none'})"
+            f"only its str outputs stream ({', '.join(streamable) or 'none'})"
         )
     return field
 
