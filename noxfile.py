@@ -84,6 +84,13 @@ def browser(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def dspy(session: nox.Session) -> None:
+    """The DSPy example's tests (examples/dspy_service), with DSPy installed: offline."""
+    session.install("-e", ".[test]", "-r", "examples/dspy_service/requirements.txt")
+    session.run("pytest", "tests/test_dspy_example.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def reliability(session: nox.Session) -> None:
     """The reliability suite alone: chaos, hostile workers, cancellation points,
     the pool state machine and parent death (``-s`` prints the chaos figures)."""
