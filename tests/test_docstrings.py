@@ -1,7 +1,7 @@
 """Every public name has a docstring: the API reference is rendered from them.
 
 Public means: the names in ``__all__`` of ``corral``, ``corral.asgi``,
-``corral.worker`` and ``corral.pytest_plugin`` (and the plugin's fixtures), and
+``corral.worker``, ``corral.tools`` and ``corral.pytest_plugin`` (and the plugin's fixtures), and
 the public methods and properties those classes define. Module-level constants
 are checked in the source, where mkdocstrings reads their docstrings: a string
 literal right after the assignment.
@@ -20,9 +20,10 @@ from typing import Any
 import corral
 import corral.asgi
 import corral.pytest_plugin
+import corral.tools
 import corral.worker
 
-PUBLIC_MODULES = [corral, corral.asgi, corral.worker, corral.pytest_plugin]
+PUBLIC_MODULES = [corral, corral.asgi, corral.worker, corral.pytest_plugin, corral.tools]
 
 
 def _fixtures(module: ModuleType) -> dict[str, Any]:
