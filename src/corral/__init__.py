@@ -27,7 +27,7 @@ from ._errors import (
     WorkerStartError,
 )
 from ._pool import CallStream, Pool, WorkerLease
-from ._stats import PoolStats
+from ._stats import LatencyHistogram, PoolStats
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "CallTimeout",
     "CorralError",
     "EncodeError",
+    "LatencyHistogram",
     "MethodNotFound",
     "PayloadTooLarge",
     "Pool",
