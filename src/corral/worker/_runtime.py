@@ -610,7 +610,8 @@ class WorkerRuntime:
         await self._stopped.wait()
 
     async def stop(self, *, graceful: bool) -> None:
-        """End every call (waiting for them if graceful), then release the lane."""
+        """End every call (waiting for them if graceful). The lane stays up for the
+        ``on_shutdown`` hooks; ``close()`` releases it."""
         if graceful:
             while self._running:
                 self._stopped.clear()
@@ -621,6 +622,9 @@ class WorkerRuntime:
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
         self.flush()
+
+    def close(self) -> None:
+        """Release the sync lane; sync work still queued there never runs."""
         self._lane.shutdown(wait=False, cancel_futures=True)
 
 
@@ -668,6 +672,7 @@ async def serve(
             log.exception("worker.shutdown_hook_failed")
             exit_code = 5
     finally:
+        runtime.close()
         reader.close()
         with contextlib.suppress(OSError):
             writer.close()
