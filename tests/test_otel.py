@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -237,6 +238,24 @@ async def test_spans_a_handler_opens_are_children_of_the_worker_span(
         inner = only(await worker_spans(pool, "myapp.inner"))
     assert inner["trace_id"] == server["trace_id"]
     assert inner["parent_span_id"] == server["span_id"]
+
+
+async def test_batched_worker_spans_are_flushed_by_the_documented_shutdown_hook(
+    provider: TracerProvider, exporter: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    # The worker batches its spans (held for a minute) and flushes them only in
+    # on_shutdown, as docs/observability.md advises: a worker ends with os._exit.
+    span_file = tmp_path / "worker-spans.txt"
+    env = {"CORRAL_TEST_SPAN_FILE": str(span_file)}
+    async with instrument(Pool(TARGET, size=1, env=env), tracer_provider=provider) as pool:
+        assert await pool.call("add", 1, 2) == 3
+        assert not span_file.exists() or span_file.read_text() == ""  # still in the batch
+    client = only(parent_spans(exporter, "corral.call add"))
+    lines = span_file.read_text().splitlines()
+    assert (
+        f"corral.call add|SERVER|{client.context.trace_id:032x}|{client.context.span_id:016x}"
+        in lines
+    )
 
 
 async def test_an_uninstrumented_pool_sends_no_trace_context(

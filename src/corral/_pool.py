@@ -526,7 +526,7 @@ class Pool:
             if worker not in self._workers or not worker.state.accepting:
                 continue
             self._recycle(worker, "reload", hard=True)
-            self._log.info("pool.reloading", worker_id=worker.id)
+            self._log.info("pool.reloading", worker_id=worker.id, pid=worker.pid)
             if not await self._wait_until(functools.partial(_is_dead, worker), timeout):
                 raise PoolTimeout(f"worker {worker.id} did not finish its calls within {timeout}s")
             await self.wait_ready(timeout=timeout)
@@ -877,7 +877,9 @@ class Pool:
                 f"worker {worker.id} failed to start: {error!r}", worker_id=worker.id
             )
         self._last_start_error = error
-        self._log.warning("worker.start_failed", worker_id=worker.id, error=error.message)
+        self._log.warning(
+            "worker.start_failed", worker_id=worker.id, pid=worker.pid, error=error.message
+        )
         if len(self._start_failures) > self.config.max_restarts and self._failed is None:
             self._failed = error
             self._log.error("pool.failed", failed_starts=len(self._start_failures))
@@ -1003,7 +1005,7 @@ class Pool:
         if self._wake_supervisor is not None:
             self._wake_supervisor.set()  # callers may still wait: grow again?
         if self._failed is not None:
-            self._log.info("pool.recovered", worker_id=worker.id)
+            self._log.info("pool.recovered", worker_id=worker.id, pid=worker.pid)
             self._failed = None
         self._dispatch()
 
@@ -1051,7 +1053,9 @@ class Pool:
         if worker.sessions and not hard:
             if worker.recycle_pending is None:
                 worker.recycle_pending = reason
-                self._log.info("worker.recycle_waits_for_sessions", worker_id=worker.id)
+                self._log.info(
+                    "worker.recycle_waits_for_sessions", worker_id=worker.id, pid=worker.pid
+                )
             return
         if worker.leased:
             worker.recycle_pending = reason  # after the checkout ends
@@ -1098,6 +1102,7 @@ class Pool:
             self._log.error(
                 "worker.over_memory_limit_when_fresh",
                 worker_id=worker.id,
+                pid=worker.pid,
                 rss=rss,
                 max_memory=limit,
                 hint="raise max_memory: recycling cannot bring this worker under it",

@@ -5,7 +5,10 @@ OpenTelemetry SDK in ``on_startup`` with an in-memory exporter, and
 ``finished_spans()`` hands the spans it recorded back to the test. Without it,
 nothing here imports OpenTelemetry, so a test can check that corral does not
 either. With ``CORRAL_TEST_NO_OPENTELEMETRY=1``, OpenTelemetry cannot be
-imported in the worker at all, as if it were not installed there.
+imported in the worker at all, as if it were not installed there. With
+``CORRAL_TEST_SPAN_FILE=PATH``, the worker follows the recipe of
+docs/observability.md instead: a BatchSpanProcessor, flushed by shutting the
+provider down in ``on_shutdown``, exporting one line per span to PATH.
 
 ``app`` has async handlers, so its sync handlers run on the sync lane;
 ``inline_app`` has the same handlers minus the async ones and runs them inline.
@@ -28,6 +31,7 @@ app = App()
 inline_app = App(sync_mode="inline")
 
 _exporter: Any = None
+_provider: Any = None
 
 
 def _both(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,6 +52,9 @@ def _set_up_tracing() -> None:
     global _exporter
     if os.environ.get("CORRAL_TEST_NO_OPENTELEMETRY") == "1":
         sys.meta_path.insert(0, _NoOpenTelemetry())  # type: ignore[arg-type]
+    if os.environ.get("CORRAL_TEST_SPAN_FILE"):
+        _export_in_batches_to(os.environ["CORRAL_TEST_SPAN_FILE"])
+        return
     if os.environ.get("CORRAL_TEST_TRACING") != "1":
         return
     from opentelemetry import trace
@@ -61,8 +68,35 @@ def _set_up_tracing() -> None:
     trace.set_tracer_provider(provider)
 
 
+def _export_in_batches_to(path: str) -> None:
+    global _provider
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    def one_line(span: Any) -> str:
+        parent = "-" if span.parent is None else f"{span.parent.span_id:016x}"
+        return f"{span.name}|{span.kind.name}|{span.context.trace_id:032x}|{parent}\n"
+
+    out = open(path, "a")  # noqa: SIM115 - closed by the exporter's shutdown
+    _provider = TracerProvider()
+    _provider.add_span_processor(
+        BatchSpanProcessor(
+            ConsoleSpanExporter(out=out, formatter=one_line), schedule_delay_millis=60_000
+        )
+    )
+    trace.set_tracer_provider(_provider)
+
+
+def _flush_spans() -> None:
+    if _provider is not None:
+        _provider.shutdown()
+
+
 app.on_startup(_set_up_tracing)
 inline_app.on_startup(_set_up_tracing)
+app.on_shutdown(_flush_spans)
+inline_app.on_shutdown(_flush_spans)
 
 
 @_both
