@@ -46,7 +46,15 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package."""
-    session.install("-e", ".[asgi,cli]", "mypy", "psutil", "pytest", "pytest-asyncio", "hypothesis")
+    session.install(
+        "-e",
+        ".[asgi,cli,otel,prometheus]",
+        "mypy",
+        "psutil",
+        "pytest",
+        "pytest-asyncio",
+        "hypothesis",
+    )
     session.run("mypy", "--strict", "src/corral")
 
 

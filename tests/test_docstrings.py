@@ -19,11 +19,21 @@ from typing import Any
 
 import corral
 import corral.asgi
+import corral.otel
+import corral.prometheus
 import corral.pytest_plugin
 import corral.tools
 import corral.worker
 
-PUBLIC_MODULES = [corral, corral.asgi, corral.worker, corral.pytest_plugin, corral.tools]
+PUBLIC_MODULES = [
+    corral,
+    corral.asgi,
+    corral.worker,
+    corral.pytest_plugin,
+    corral.tools,
+    corral.otel,
+    corral.prometheus,
+]
 
 
 def _fixtures(module: ModuleType) -> dict[str, Any]:

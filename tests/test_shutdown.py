@@ -96,3 +96,12 @@ async def test_on_shutdown_hooks_run_on_close(tmp_path) -> None:
     async with Pool("tests.workers.hooks:app", size=1, env={"CORRAL_TEST_MARKER": str(marker)}):
         pass
     assert marker.read_text() == "bye"
+
+
+async def test_sync_on_shutdown_hooks_run_where_sync_code_runs_on_the_lane(tmp_path) -> None:
+    marker = tmp_path / "bye"
+    env = {"CORRAL_TEST_MARKER": str(marker)}
+    async with Pool("tests.workers.hooks:lane_app", size=1, env=env) as pool:
+        worker = pool.workers[0]
+    assert marker.read_text() == "bye"
+    assert worker.exit_code == 0

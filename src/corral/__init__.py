@@ -27,7 +27,7 @@ from ._errors import (
     WorkerStartError,
 )
 from ._pool import CallStream, Pool, WorkerLease
-from ._stats import PoolStats
+from ._stats import LatencyHistogram, PoolStats
 from ._status import Eviction, PoolStatus, QueueInfo, WorkerInfo
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "CorralError",
     "EncodeError",
     "Eviction",
+    "LatencyHistogram",
     "MethodNotFound",
     "PayloadTooLarge",
     "Pool",

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -67,6 +68,16 @@ _EXIT_TAIL_WAIT = 0.05  # after exit, how long to wait for the last stderr bytes
 _EOF_EXIT_WAIT = 1.0  # after the wire closes, how long the worker has to exit
 _END = object()
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _signal_name(exit_code: int | None) -> str | None:
+    """``"SIGKILL"`` for an exit code of -9; None for a normal exit."""
+    if exit_code is None or exit_code >= 0:
+        return None
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"signal {-exit_code}"
 
 
 def rss_of(pid: int) -> int | None:
@@ -269,6 +280,7 @@ class WorkerHandle:
             self._mark_dead_without_process()
             raise
         self._log = self._log.bind(shepherd_pid=self._launched.pid)
+        self._log.info("worker.started", target=self.spec.target)
         exited = asyncio.ensure_future(self._exited.wait())
         try:
             waiting: set[asyncio.Future[Hello] | asyncio.Future[Literal[True]]] = {
@@ -383,8 +395,12 @@ class WorkerHandle:
         deadline: float | None,
         stream_window: int = 0,
         reserved: bool = True,
+        trace: str | None = None,
     ) -> PendingCall:
-        """Send a Call using a reserved slot. Raises with nothing sent and the slot freed."""
+        """Send a Call using a reserved slot. Raises with nothing sent and the slot freed.
+
+        ``trace`` is the caller's W3C traceparent, passed on to the worker.
+        """
         if reserved:
             self.reserved -= 1
         if self._launched is None or not self.state.live or self.kill_reason is not None:
@@ -416,6 +432,7 @@ class WorkerHandle:
                     timeout,
                     stream_window > 0,
                     stream_window,
+                    trace,
                 )
             )
         except (EncodeError, PayloadTooLarge) as exc:
@@ -642,11 +659,13 @@ class WorkerHandle:
         was_ready = self.ready_at is not None
         self.state = WorkerState.DEAD
         how = describe_exit(self.exit_code)
+        code = self.exit_code
+        status = {"exit": how, "exit_code": code, "signal": _signal_name(code)}
         if self.closing:
-            self._log.info("worker.exited", exit=how)
+            self._log.info("worker.exited", **status)
         else:
             self._log.warning(
-                "worker.exited", exit=how, reason=self.kill_reason, inflight=len(self._pending)
+                "worker.exited", reason=self.kill_reason, inflight=len(self._pending), **status
             )
         reason = self.kill_reason or f"the worker died ({how})"
         if (

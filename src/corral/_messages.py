@@ -108,7 +108,8 @@ class Call(_Msg, tag=2, frozen=True):
     """Run ``method(*args, **kwargs)``. ``timeout`` is the time left, in seconds.
 
     ``stream`` asks for Chunk/End frames; ``window`` is the number of chunks the
-    worker may send before it waits for Credit.
+    worker may send before it waits for Credit. ``trace`` is the caller's W3C
+    ``traceparent`` when the pool traces calls (see docs/observability.md).
     """
 
     id: int
@@ -119,6 +120,7 @@ class Call(_Msg, tag=2, frozen=True):
     timeout: float | None = None
     stream: bool = False
     window: int = 0
+    trace: str | None = None
 
 
 class Cancel(_Msg, tag=7, frozen=True):

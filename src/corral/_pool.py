@@ -35,10 +35,13 @@ from ._config import PoolConfig
 from ._errors import (
     CallTimeout,
     CorralError,
+    EncodeError,
+    PayloadTooLarge,
     PoolClosed,
     PoolFailed,
     PoolOverloaded,
     PoolTimeout,
+    RemoteError,
     SessionLost,
     WorkerCrashed,
     WorkerStartError,
@@ -47,14 +50,18 @@ from ._errors import (
 from ._handle import _END, PendingCall, WorkerHandle
 from ._launcher import Launcher, LocalLauncher, WorkerSpec
 from ._state import WorkerState
-from ._stats import PoolStats
+from ._stats import LatencyRecorder, PoolStats
 from ._status import EvictionLog, PoolStatus, QueueInfo, build_status
+from ._tracing import CallSpan, CallTracer
 
 __all__ = ["CallStream", "Pool", "WorkerLease"]
 
 _pool_numbers = itertools.count(1)
 _LOST_SESSIONS_KEPT = 10_000
 _fork_generation = 0
+_clock = time.perf_counter
+# Errors that leave the worker as it was: the caller's (or its handler's) own.
+_CALLER_ERRORS: tuple[type[CorralError], ...] = (RemoteError, EncodeError, PayloadTooLarge)
 
 
 _started_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -209,6 +216,10 @@ class Pool:
         self._failed_starts = 0
         self._calls_ok = 0
         self._calls_failed: collections.Counter[str] = collections.Counter()
+        self._calls_cancelled = 0
+        self._latency = LatencyRecorder()
+        self._tracer: CallTracer | None = None  # set by corral.otel.instrument()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it was started on
         self._recent_deaths: collections.deque[float] = collections.deque()
         self._watchers: list[asyncio.Future[None]] = []  # woken on any change
         self._recycles = 0
@@ -244,6 +255,7 @@ class Pool:
         if self._state != "new":
             raise PoolClosed(f"pool {self.name} was already started")
         self._state = "starting"
+        self._loop = asyncio.get_running_loop()
         _started_pools.add(self)
         self._idle_event = asyncio.Event()
         self._wake_supervisor = asyncio.Event()
@@ -336,6 +348,8 @@ class Pool:
         """
         # One coroutine frame on the hot path: no worker to wait for means no await
         # before the call is on the wire.
+        started = _clock()
+        span = None if self._tracer is None else self._tracer.start(method, session, False)
         try:
             deadline = self._deadline(timeout)
             attempt = 0
@@ -345,9 +359,16 @@ class Pool:
                     worker = await self._acquire(session, False, deadline, method)
                 if self._session_used is not None:
                     self._touch_session(session)
+                if span is not None:
+                    span.placed(worker.id, worker.pid)
                 try:
                     pending = worker.send_call(
-                        method, args, kwargs, session=session, deadline=deadline
+                        method,
+                        args,
+                        kwargs,
+                        session=session,
+                        deadline=deadline,
+                        trace=None if span is None else span.traceparent,
                     )
                 except SessionLost:
                     self._lost_sessions.pop(session or "", None)  # told now: only once
@@ -368,10 +389,48 @@ class Pool:
                     )
                     continue
                 self._calls_ok += 1
+                self._latency.record(_clock() - started)
+                if span is not None:
+                    span.end(None)
                 return result
-        except CorralError as exc:
-            self._calls_failed[type(exc).__name__] += 1
+        except BaseException as exc:
+            self._call_ended(exc, method, session, started, span)
             raise
+
+    def _call_ended(
+        self,
+        exc: BaseException,
+        method: str,
+        session: str | None,
+        started: float | None,
+        span: CallSpan | None,
+    ) -> None:
+        """Count and log a call or stream that ended with ``exc``, and close its span.
+
+        ``started`` is when a call began (its time goes into the histogram);
+        None for a stream.
+        """
+        if isinstance(exc, CorralError):
+            self._calls_failed[type(exc).__name__] += 1
+            if started is not None:
+                self._latency.record(_clock() - started)
+            log = self._log.info if isinstance(exc, _CALLER_ERRORS) else self._log.warning
+            remote = {"remote_type": exc.type} if isinstance(exc, RemoteError) else {}
+            log(
+                "call.failed",
+                method=method,
+                call_id=exc.call_id,
+                worker_id=exc.worker_id,
+                pid=exc.pid,
+                session=session,
+                error_type=type(exc).__name__,
+                error=exc.message,
+                **remote,
+            )
+        elif isinstance(exc, asyncio.CancelledError):
+            self._calls_cancelled += 1
+        if span is not None:
+            span.end(exc)
 
     def _acquire_now(self, session: str | None) -> WorkerHandle | None:
         """The fast path of ``_acquire``: a slot free now, and nobody queued before us."""
@@ -383,15 +442,6 @@ class Pool:
         if worker is not None:
             worker.reserve(False)
         return worker
-
-    async def _await_result(self, worker: WorkerHandle, pending: PendingCall) -> Any:
-        try:
-            result = await pending.future
-        except asyncio.CancelledError:
-            worker.cancel(pending)
-            raise
-        self._calls_ok += 1
-        return result
 
     def stream(
         self,
@@ -440,7 +490,11 @@ class Pool:
         self._dispatch()
 
     def stats(self) -> PoolStats:
-        """A snapshot of the pool's workers, waiters, sessions and counters."""
+        """A snapshot of the pool's workers, waiters, sessions, counters and latencies.
+
+        Call it on the pool's event loop (``corral.prometheus`` does that for you
+        from a scrape thread).
+        """
         counts = collections.Counter(w.state for w in self._workers)
         return PoolStats(
             size=self._target,
@@ -460,6 +514,8 @@ class Pool:
             closed=self._state in ("closing", "closed"),
             calls_ok=self._calls_ok,
             calls_failed=dict(self._calls_failed),
+            calls_cancelled=self._calls_cancelled,
+            latency=self._latency.snapshot(),
         )
 
     async def reload(self, *, timeout: float | None = 120.0) -> None:
@@ -480,7 +536,7 @@ class Pool:
             if worker not in self._workers or not worker.state.accepting:
                 continue
             self._recycle(worker, "reload", hard=True)
-            self._log.info("pool.reloading", worker_id=worker.id)
+            self._log.info("pool.reloading", worker_id=worker.id, pid=worker.pid)
             if not await self._wait_until(functools.partial(_is_dead, worker), timeout):
                 raise PoolTimeout(f"worker {worker.id} did not finish its calls within {timeout}s")
             await self.wait_ready(timeout=timeout)
@@ -616,6 +672,7 @@ class Pool:
                 return None
             self._sessions[session] = home
             home.sessions.add(session)
+            self._log.info("session.opened", session=session, worker_id=home.id, pid=home.pid)
         return home if _router.can_take(home, exclusive) else None
 
     async def _acquire(
@@ -858,7 +915,9 @@ class Pool:
                 f"worker {worker.id} failed to start: {error!r}", worker_id=worker.id
             )
         self._last_start_error = error
-        self._log.warning("worker.start_failed", worker_id=worker.id, error=error.message)
+        self._log.warning(
+            "worker.start_failed", worker_id=worker.id, pid=worker.pid, error=error.message
+        )
         if self._state in ("starting", "open"):
             self._evictions.start_failed(worker, error.message)
         if len(self._start_failures) > self.config.max_restarts and self._failed is None:
@@ -888,7 +947,9 @@ class Pool:
                     self._lost_sessions[session] = why
                 if self._state != "open":
                     continue  # the pool is closing: nothing is lost that was not let go
-                self._log.warning("session.lost", session=session, worker_id=worker.id, why=why)
+                self._log.warning(
+                    "session.lost", session=session, worker_id=worker.id, pid=worker.pid, why=why
+                )
                 if hook is not None:
                     self._run_hook(
                         hook,
@@ -989,7 +1050,7 @@ class Pool:
         if self._wake_supervisor is not None:
             self._wake_supervisor.set()  # callers may still wait: grow again?
         if self._failed is not None:
-            self._log.info("pool.recovered", worker_id=worker.id)
+            self._log.info("pool.recovered", worker_id=worker.id, pid=worker.pid)
             self._failed = None
         self._dispatch()
 
@@ -1037,7 +1098,9 @@ class Pool:
         if worker.sessions and not hard:
             if worker.recycle_pending is None:
                 worker.recycle_pending = reason
-                self._log.info("worker.recycle_waits_for_sessions", worker_id=worker.id)
+                self._log.info(
+                    "worker.recycle_waits_for_sessions", worker_id=worker.id, pid=worker.pid
+                )
             return
         if worker.leased:
             worker.recycle_pending = reason  # after the checkout ends
@@ -1084,6 +1147,7 @@ class Pool:
             self._log.error(
                 "worker.over_memory_limit_when_fresh",
                 worker_id=worker.id,
+                pid=worker.pid,
                 rss=rss,
                 max_memory=limit,
                 hint="raise max_memory: recycling cannot bring this worker under it",
@@ -1095,7 +1159,14 @@ class Pool:
             return
         expired = [s for s, used in self._session_used.items() if now - used > ttl]
         for session in expired:
-            self._log.info("session.expired", session=session, idle_seconds=ttl)
+            home = self._sessions.get(session)
+            self._log.info(
+                "session.expired",
+                session=session,
+                idle_seconds=ttl,
+                worker_id=None if home is None else home.id,
+                pid=None if home is None else home.pid,
+            )
             self._end_session(session)
 
     def _run_hook(self, hook: Callable[..., Any], *args: Any) -> None:
@@ -1161,24 +1232,42 @@ class WorkerLease:
     ) -> Any:
         """Run a call on this worker (in the checkout's session, if it has one)."""
         self._check(method)
-        self._pool._touch_session(self.session)
+        pool = self._pool
+        pool._touch_session(self.session)
+        deadline = pool._deadline(timeout)
         worker = self._worker
-        pending = worker.send_call(
-            method,
-            args,
-            kwargs,
-            session=self.session,
-            deadline=self._pool._deadline(timeout),
-            reserved=False,
-        )
-        self._pending.add(pending)
+        started = _clock()
+        span = None if pool._tracer is None else pool._tracer.start(method, self.session, False)
+        pending = None
         try:
-            return await self._pool._await_result(worker, pending)
-        except CorralError as exc:
-            self._pool._calls_failed[type(exc).__name__] += 1
+            if span is not None:
+                span.placed(worker.id, worker.pid)
+            pending = worker.send_call(
+                method,
+                args,
+                kwargs,
+                session=self.session,
+                deadline=deadline,
+                reserved=False,
+                trace=None if span is None else span.traceparent,
+            )
+            self._pending.add(pending)
+            try:
+                result = await pending.future
+            except asyncio.CancelledError:
+                worker.cancel(pending)
+                raise
+        except BaseException as exc:
+            pool._call_ended(exc, method, self.session, started, span)
             raise
         finally:
-            self._pending.discard(pending)
+            if pending is not None:
+                self._pending.discard(pending)
+        pool._calls_ok += 1
+        pool._latency.record(_clock() - started)
+        if span is not None:
+            span.end(None)
+        return result
 
     def stream(
         self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any
@@ -1276,6 +1365,8 @@ class CallStream:
         self._worker: WorkerHandle | None = None
         self._pending: PendingCall | None = None
         self._done = False
+        self._span: CallSpan | None = None
+        self._ended = False  # counted (and its span closed): once
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
@@ -1287,9 +1378,9 @@ class CallStream:
         if pending is None:
             try:
                 pending = await self._begin()
-            except CorralError as exc:
+            except BaseException as exc:
                 self._done = True
-                self._pool._calls_failed[type(exc).__name__] += 1
+                self._end(exc)
                 raise
         worker = self._worker
         assert worker is not None
@@ -1298,21 +1389,36 @@ class CallStream:
         except asyncio.CancelledError:
             self._stop()
             raise
-        except CorralError as exc:
+        except BaseException as exc:
             self._done = True
-            self._pool._calls_failed[type(exc).__name__] += 1
+            self._end(exc)
             raise
         if item is _END:
             self._done = True
-            self._pool._calls_ok += 1
+            self._end(None)
             raise StopAsyncIteration
         if pending.taken * 2 >= pending.stream_window:
             worker.grant_credit(pending)
         return item
 
+    def _end(self, error: BaseException | None) -> None:
+        """Count the stream's outcome and close its span, once."""
+        if self._ended:
+            return
+        self._ended = True
+        pool = self._pool
+        if error is None:
+            pool._calls_ok += 1
+            if self._span is not None:
+                self._span.end(None)
+        else:
+            pool._call_ended(error, self._method, self._session, None, self._span)
+
     async def _begin(self) -> PendingCall:
         pool = self._pool
         window = pool.config.stream_window
+        if pool._tracer is not None:
+            self._span = pool._tracer.start(self._method, self._session, True)
         if self._lease is not None:
             self._lease._check(self._method)
             worker = self._lease._worker
@@ -1322,19 +1428,19 @@ class CallStream:
             reserved = True
         pool._touch_session(self._session)
         self._worker = worker
-        try:
-            self._pending = worker.send_call(
-                self._method,
-                self._args,
-                self._kwargs,
-                session=self._session,
-                deadline=self._deadline,
-                stream_window=window,
-                reserved=reserved,
-            )
-        except CorralError:
-            self._done = True
-            raise
+        span = self._span
+        if span is not None:
+            span.placed(worker.id, worker.pid)
+        self._pending = worker.send_call(
+            self._method,
+            self._args,
+            self._kwargs,
+            session=self._session,
+            deadline=self._deadline,
+            stream_window=window,
+            reserved=reserved,
+            trace=None if span is None else span.traceparent,
+        )
         if self._lease is not None:
             self._lease._pending.add(self._pending)
         return self._pending
@@ -1343,6 +1449,8 @@ class CallStream:
         self._done = True
         pending, worker = self._pending, self._worker
         if pending is not None and worker is not None:
+            if not self._ended:
+                self._end(asyncio.CancelledError())  # stopped by its consumer
             worker.cancel(pending)
             if self._lease is not None:
                 self._lease._pending.discard(pending)

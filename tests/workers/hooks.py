@@ -19,3 +19,8 @@ async def _warm_up() -> None:
 def _say_goodbye() -> None:
     with open(os.environ["CORRAL_TEST_MARKER"], "w") as f:
         f.write("bye")
+
+
+# The same hook where sync code runs on the sync lane (sync_mode="thread").
+lane_app = App(sync_mode="thread")
+lane_app.on_shutdown(_say_goodbye)

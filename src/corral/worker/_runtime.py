@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import inspect
 import os
@@ -58,6 +59,7 @@ from .._messages import (
     WorkerBound,
 )
 from .._transport import BlockingFrameWriter, open_frame_reader
+from . import _tracing
 from ._app import App, Context, Handler, HandlerKind
 
 __all__ = ["WorkerRuntime", "run_hooks", "serve"]
@@ -75,7 +77,11 @@ class _Running:
         "credit",
         "credit_event",
         "ctx",
+        "error_type",
         "job",
+        "outcome",
+        "span",
+        "span_context",
         "stop_reason",
         "task",
         "timer",
@@ -91,6 +97,11 @@ class _Running:
         self.timer: asyncio.TimerHandle | None = None
         self.credit = call.window
         self.credit_event: asyncio.Event | None = None
+        # Set only on failure paths, and read only when the call is traced:
+        self.outcome: str | None = None  # "error" or "timeout"; None: ok so far
+        self.error_type: str | None = None
+        self.span: Any = None  # the call's OpenTelemetry span, when it carried a traceparent
+        self.span_context: contextvars.Context | None = None  # the handler runs in it
 
 
 def _describe(exc: BaseException) -> tuple[str, str, str]:
@@ -184,8 +195,11 @@ class WorkerRuntime:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 self._loop.call_soon_threadsafe(self._stopped.set)
 
-    def _send_value(self, call_id: int, value: Any, method: str, chunk: bool = False) -> bool:
-        """Send a Result (or Chunk); if it cannot be sent, an Error instead. True if sent."""
+    def _send_value(self, call_id: int, value: Any, method: str, chunk: bool = False) -> str | None:
+        """Send a Result (or Chunk); if it cannot be sent, an Error instead.
+
+        Returns None if sent, else the type named in the Error.
+        """
         try:
             self._send(Chunk(call_id, value) if chunk else Result(call_id, value))
         except EncodeError as exc:
@@ -199,15 +213,22 @@ class WorkerRuntime:
                     f"{type(value).__qualname__} is not supported ({exc.__cause__ or exc})",
                 )
             )
-            return False
+            return "TypeError"
         except PayloadTooLarge as exc:
             self._send(Error(call_id, ErrorKind.TOO_LARGE, "PayloadTooLarge", str(exc)))
-            return False
-        return True
+            return "PayloadTooLarge"
+        return None
 
-    def _send_error(self, call_id: int, kind: str, exc: BaseException) -> None:
+    def _send_result(self, running: _Running, value: Any) -> None:
+        failure = self._send_value(running.call.id, value, running.call.method)
+        if failure is not None:
+            running.outcome, running.error_type = "error", failure
+
+    def _send_error(self, call_id: int, kind: str, exc: BaseException) -> str:
+        """Send an Error for ``exc``; returns the type it names."""
         name, message, tb = _describe(exc)
         self._send(Error(call_id, kind, name, message, tb))
+        return name
 
     # --- FrameListener (loop thread) ------------------------------------------
 
@@ -297,6 +318,8 @@ class WorkerRuntime:
             )
             running = _Running(call, ctx)
             self._running[call.id] = running
+        if call.trace is not None:
+            self._start_span(running)
         kind = handler.kind
         if kind is HandlerKind.SYNC and self._inline_sync:
             self._run_inline(running, handler)
@@ -304,10 +327,31 @@ class WorkerRuntime:
         if call.timeout is not None:
             running.timer = self._loop.call_later(call.timeout, self._deadline_passed, running)
         coro = self._run(running, handler)
+        context = running.span_context
         if _EAGER_TASKS:
-            running.task = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
-        else:
+            running.task = asyncio.Task(coro, loop=self._loop, eager_start=True, context=context)  # type: ignore[call-arg]
+        elif context is None:
             running.task = self._loop.create_task(coro)
+        else:
+            running.task = self._loop.create_task(coro, context=context)
+
+    def _start_span(self, running: _Running) -> None:
+        """The call carries trace context: open its span, if OpenTelemetry is here."""
+        tracing = _tracing.tracing()
+        if tracing is not None:
+            running.span, running.span_context = tracing.start(running.call, self.worker_id)
+
+    def _end_span(self, running: _Running) -> None:
+        tracing = _tracing.tracing()
+        assert tracing is not None
+        stop = running.stop_reason
+        if running.cancel_requested or stop in ("cancel", "shutdown"):
+            outcome, error_type = "cancelled", None
+        elif stop == "deadline" or running.outcome == "timeout":
+            outcome, error_type = "timeout", "TimeoutError"
+        else:
+            outcome, error_type = running.outcome or "ok", running.error_type
+        tracing.end(running.span, outcome, error_type)
 
     def _run_inline(self, running: _Running, handler: Handler) -> None:
         """The fast path: run a sync handler right here, on the loop's thread."""
@@ -315,17 +359,23 @@ class WorkerRuntime:
             self.flush()  # earlier results must not wait for this handler
         call = running.call
         kwargs = {**call.kwargs, "ctx": running.ctx} if handler.wants_context else call.kwargs
+        fn = functools.partial(handler.fn, *call.args, **kwargs)
         try:
-            value = self._outside_loop(functools.partial(handler.fn, *call.args, **kwargs))
+            if running.span_context is None:
+                value = self._outside_loop(fn)
+            else:
+                value = running.span_context.run(self._outside_loop, fn)
         except Exception as exc:  # noqa: BLE001 - the handler's failure is the caller's RemoteError
+            running.outcome = "error"
             if not running.cancel_requested:
-                self._send_error(call.id, ErrorKind.REMOTE, exc)
+                running.error_type = self._send_error(call.id, ErrorKind.REMOTE, exc)
         else:
             deadline = running.ctx.deadline
             if deadline is not None and time.monotonic() >= deadline:
+                running.outcome = "timeout"
                 self._send_late(call.id)  # too late to count: the caller has timed out
             else:
-                self._send_value(call.id, value, call.method)
+                self._send_result(running, value)
         finally:
             self._finish(running)
 
@@ -341,7 +391,7 @@ class WorkerRuntime:
         try:
             if kind is HandlerKind.ASYNC:
                 value = await handler.fn(*call.args, **kwargs)
-                self._send_value(call.id, value, call.method)
+                self._send_result(running, value)
             elif kind is HandlerKind.SYNC:
                 value = await self._on_lane(
                     running, functools.partial(handler.fn, *call.args, **kwargs)
@@ -349,7 +399,7 @@ class WorkerRuntime:
                 if running.stop_reason == "deadline":
                     self._send_late(call.id)
                 else:
-                    self._send_value(call.id, value, call.method)
+                    self._send_result(running, value)
             elif kind is HandlerKind.ASYNC_GEN:
                 agen = handler.fn(*call.args, **kwargs)
                 try:
@@ -382,8 +432,9 @@ class WorkerRuntime:
                     )
                 )
         except Exception as exc:  # noqa: BLE001 - the handler's failure is the caller's RemoteError
+            running.outcome = "error"
             if not running.cancel_requested:
-                self._send_error(call.id, ErrorKind.REMOTE, exc)
+                running.error_type = self._send_error(call.id, ErrorKind.REMOTE, exc)
         finally:
             self._finish(running)
 
@@ -416,7 +467,10 @@ class WorkerRuntime:
             raise asyncio.CancelledError
         if self._inline_sync:
             return self._outside_loop(functools.partial(fn, *args))
-        job = self._lane.submit(fn, *args)
+        if running.span_context is None:
+            job = self._lane.submit(fn, *args)
+        else:  # the handler's code sees the call's span as the current one
+            job = self._lane.submit(contextvars.copy_context().run, fn, *args)
         running.job = job
         try:
             return await asyncio.wrap_future(job)
@@ -434,7 +488,11 @@ class WorkerRuntime:
                 running.credit_event.clear()
                 await running.credit_event.wait()
             running.credit -= 1
-        return self._send_value(running.call.id, item, running.call.method, chunk=True)
+        failure = self._send_value(running.call.id, item, running.call.method, chunk=True)
+        if failure is None:
+            return True
+        running.outcome, running.error_type = "error", failure
+        return False
 
     def _add_credit(self, call_id: int, n: int) -> None:
         running = self._running.get(call_id)
@@ -452,6 +510,8 @@ class WorkerRuntime:
             owed = running.cancel_requested
         if running.timer is not None:
             running.timer.cancel()
+        if running.span is not None:
+            self._end_span(running)
         if owed:
             self._send(CancelAck(call_id))
         if not self._running and self._shutdown_requested:
@@ -550,7 +610,8 @@ class WorkerRuntime:
         await self._stopped.wait()
 
     async def stop(self, *, graceful: bool) -> None:
-        """End every call (waiting for them if graceful), then release the lane."""
+        """End every call (waiting for them if graceful). The lane stays up for the
+        ``on_shutdown`` hooks; ``close()`` releases it."""
         if graceful:
             while self._running:
                 self._stopped.clear()
@@ -561,6 +622,9 @@ class WorkerRuntime:
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
         self.flush()
+
+    def close(self) -> None:
+        """Release the sync lane; sync work still queued there never runs."""
         self._lane.shutdown(wait=False, cancel_futures=True)
 
 
@@ -608,6 +672,7 @@ async def serve(
             log.exception("worker.shutdown_hook_failed")
             exit_code = 5
     finally:
+        runtime.close()
         reader.close()
         with contextlib.suppress(OSError):
             writer.close()

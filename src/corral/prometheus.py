@@ -1,0 +1,172 @@
+"""A Prometheus collector for corral pools: ``pool.stats()`` at every scrape.
+
+    from prometheus_client import REGISTRY
+    from corral.prometheus import PoolCollector
+
+    REGISTRY.register(PoolCollector(pool))
+
+Owns: the metric names, their labels and how each is read from a PoolStats.
+Must not touch: the pool beyond ``stats()``. Importing this module imports
+``prometheus-client`` (the ``corral[prometheus]`` extra); corral itself never
+does. Nothing is counted twice: the pool keeps its counters, and the collector
+only reads a snapshot when scraped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from ._pool import Pool
+from ._stats import PoolStats
+
+__all__ = ["PoolCollector"]
+
+_STATES = ("starting", "idle", "busy", "draining", "stopping")
+
+
+class PoolCollector(Collector):
+    """Exposes the stats of one or more pools, each labelled with its ``pool`` name.
+
+    Register one collector per registry for all the pools of a process (a
+    registry refuses two collectors that expose the same metric names).
+
+    Metrics (``corral_`` is the namespace):
+
+    - gauges: ``pool_size``, ``workers{state}`` (starting, idle, busy, draining,
+      stopping), ``leased_workers``, ``inflight_calls``, ``waiting_callers``,
+      ``sessions``, ``pool_failed`` (0 or 1);
+    - counters: ``calls_total{outcome}`` (ok, error, cancelled),
+      ``call_errors_total{type}`` (the corral error class),
+      ``worker_restarts_total``, ``worker_recycles_total``,
+      ``worker_failed_starts_total``;
+    - histogram: ``call_duration_seconds``, in the pool's fixed latency buckets.
+
+    A scrape from another thread (``prometheus_client.start_http_server``)
+    takes each snapshot on the pool's event loop, waiting up to ``timeout``
+    seconds for it; a scrape on that loop takes it directly.
+    """
+
+    def __init__(self, *pools: Pool, namespace: str = "corral", timeout: float = 5.0) -> None:
+        """Collect from ``pools``.
+
+        Raises:
+            TypeError: no pool was given, or something else than a ``corral.Pool``.
+        """
+        if not pools:
+            raise TypeError("PoolCollector() needs at least one corral.Pool")
+        for pool in pools:
+            if not isinstance(pool, Pool):
+                raise TypeError(f"PoolCollector() takes corral.Pool, got {type(pool).__qualname__}")
+        self._pools = pools
+        self._prefix = f"{namespace}_" if namespace else ""
+        self._timeout = timeout
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric families without samples (no pool is read)."""
+        return self._families([])
+
+    def collect(self) -> Iterator[Metric]:
+        """One sample per pool for every metric."""
+        return self._families([(pool.name, self._snapshot(pool)) for pool in self._pools])
+
+    def _snapshot(self, pool: Pool) -> PoolStats:
+        """``pool.stats()``, taken on the pool's loop when called from another thread."""
+        loop = pool._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return pool.stats()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return pool.stats()
+        result: concurrent.futures.Future[PoolStats] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                result.set_result(pool.stats())
+            except Exception as exc:  # noqa: BLE001 - handed to the scraping thread, raised there
+                result.set_exception(exc)
+
+        loop.call_soon_threadsafe(take)
+        try:
+            return result.result(self._timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the event loop of pool {pool.name} did not answer within {self._timeout}s "
+                "(blocked?): no stats for this scrape"
+            ) from None
+
+    def _families(self, snapshots: list[tuple[str, PoolStats]]) -> Iterator[Metric]:
+        p = self._prefix
+
+        def gauge(name: str, doc: str, read: str) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(p + name, doc, labels=["pool"])
+            for pool, stats in snapshots:
+                family.add_metric([pool], float(getattr(stats, read)))
+            return family
+
+        def counter(name: str, doc: str, read: str) -> CounterMetricFamily:
+            family = CounterMetricFamily(p + name, doc, labels=["pool"])
+            for pool, stats in snapshots:
+                family.add_metric([pool], float(getattr(stats, read)))
+            return family
+
+        yield gauge("pool_size", "Workers the pool wants now.", "size")
+        workers = GaugeMetricFamily(p + "workers", "Workers by state.", labels=["pool", "state"])
+        for pool, stats in snapshots:
+            for state in _STATES:
+                workers.add_metric([pool, state], float(getattr(stats, state)))
+        yield workers
+        yield gauge("leased_workers", "Workers held by a checkout block.", "leased")
+        yield gauge("inflight_calls", "Calls in flight over all workers.", "inflight")
+        yield gauge("waiting_callers", "Callers waiting for a worker.", "waiting")
+        yield gauge("sessions", "Sessions pinned to live workers.", "sessions")
+        yield gauge("pool_failed", "1 while workers keep failing to start.", "failed")
+
+        calls = CounterMetricFamily(
+            p + "calls", "Calls and streams that ended, by outcome.", labels=["pool", "outcome"]
+        )
+        errors = CounterMetricFamily(
+            p + "call_errors",
+            "Calls and streams that failed, by error type.",
+            labels=["pool", "type"],
+        )
+        for pool, stats in snapshots:
+            calls.add_metric([pool, "ok"], float(stats.calls_ok))
+            calls.add_metric([pool, "error"], float(sum(stats.calls_failed.values())))
+            calls.add_metric([pool, "cancelled"], float(stats.calls_cancelled))
+            for error_type, n in sorted(stats.calls_failed.items()):
+                errors.add_metric([pool, error_type], float(n))
+        yield calls
+        yield errors
+        yield counter("worker_restarts", "Workers started to replace one that ended.", "restarts")
+        yield counter("worker_recycles", "Workers retired by a recycling limit.", "recycles")
+        yield counter("worker_failed_starts", "Workers that never became ready.", "failed_starts")
+
+        latency = HistogramMetricFamily(
+            p + "call_duration_seconds",
+            "Time from call() to its result or error.",
+            labels=["pool"],
+        )
+        for pool, stats in snapshots:
+            histogram = stats.latency
+            cumulative = histogram.cumulative()
+            buckets = [
+                (floatToGoString(bound), float(n))  # type: ignore[no-untyped-call]
+                for bound, n in zip(histogram.bounds, cumulative, strict=False)
+            ]
+            buckets.append(("+Inf", float(histogram.count)))
+            latency.add_metric([pool], buckets, sum_value=histogram.sum)
+        yield latency
