@@ -446,8 +446,8 @@ class RemoteWorker:
             connection.close()
         if self._supervision is not None:
             self._supervision.close()
-        if not self._reported:
-            self.placement.stop()
+        # Let go of the placement too: a Ray actor would hold its resources on.
+        self.placement.stop()
         self._on_close()
 
 
