@@ -7,6 +7,7 @@ handshake, shim and socket transport as the Ray launcher, without Ray.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -236,5 +237,66 @@ def test_when_the_pool_process_dies_its_tcp_workers_and_shims_go_too() -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait(10)
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+FORKER = textwrap.dedent(
+    """
+    import asyncio, json, os, sys, time
+    import corral
+    from corral._socket_launcher import SubprocessShimLauncher
+
+    async def main():
+        pool = corral.Pool(
+            "tests.workers.basic:app", size=1, launcher=SubprocessShimLauncher()
+        )
+        await pool.start()
+        pids = [pool.workers[0].pid, pool.workers[0]._launched.placement.process.pid]
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)  # outlives the parent, holding whatever it inherited
+            os._exit(0)
+        sys.stdout.write(json.dumps({"pids": pids, "child": child}) + "\\n")
+        sys.stdout.flush()
+        await asyncio.sleep(600)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_forked_child_does_not_keep_the_pools_tcp_workers_alive() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORKER],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    child = None
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        while not line.startswith(b"{"):
+            line = parent.stdout.readline()
+        info = json.loads(line)
+        child = info["child"]
+        procs = [psutil.Process(p) for p in info["pids"]]
+        parent.kill()
+        parent.wait(10)
+        # The child still holds copies of the pool's sockets, pointed at /dev/null
+        # by the fork handler: the shim sees the pool's connection close.
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for proc in alive:
+            proc.kill()
+        assert not alive, "the forked child kept the pool's workers alive"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         if parent.stdout is not None:
             parent.stdout.close()

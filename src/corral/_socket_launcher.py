@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -201,13 +202,7 @@ class _SinkProtocol(asyncio.Protocol):
 class SocketConnection:
     """Frames to a remote worker: calls and replies on the data socket, Ping/Cancel on control."""
 
-    def __init__(
-        self,
-        data: asyncio.Transport,
-        writer: FrameWriter,
-        control: FrameWriter,
-    ) -> None:
-        self._data = data
+    def __init__(self, writer: FrameWriter, control: FrameWriter) -> None:
         self._writer = writer
         self._control = control
         self.send = writer.send
@@ -283,6 +278,7 @@ class RemoteWorker:
         self._closed = False
         self._supervision: asyncio.Transport | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
+        self._fds: tuple[int, ...] = ()
         self._end_timer: asyncio.TimerHandle | None = None
         self._log = _log.bind(worker_id=spec.worker_id)
         placement.finished.add_done_callback(self._placement_finished)
@@ -323,8 +319,9 @@ class RemoteWorker:
                 sock.close()
             raise
         self.connection = SocketConnection(
-            data, FrameWriter(loop, data, encoder), FrameWriter(loop, control, encoder)
+            FrameWriter(loop, data, encoder), FrameWriter(loop, control, encoder)
         )
+        self._fds = tuple(t.get_extra_info("socket").fileno() for t in (supervision, data, control))
 
     # --- what the shim says ---------------------------------------------------
 
@@ -430,6 +427,20 @@ class RemoteWorker:
                 self.lost,
                 f"no exit status within {self._kill_timeout}s of being killed",
             )
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop our copies of the sockets, touch nothing else.
+
+        Otherwise the child would keep the supervision connection open, and
+        the shim would not see the pool's death.
+        """
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            for fd in self._fds:
+                with contextlib.suppress(OSError):
+                    os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
 
     def force_kill(self) -> None:
         """Stop the shim through whatever placed it (``ray.kill``)."""
