@@ -224,6 +224,29 @@ async def measure(name: str, counts: Counts) -> dict[str, float]:
     return {key: statistics.median(values) for key, values in figures.items()}
 
 
+async def placed_latency_ratios(names: list[str], counts: Counts) -> dict[str, float]:
+    """Latency p50 of placed workers over local ones, measured in alternation.
+
+    Each round measures the local launcher and each placed one back to back,
+    so that a change in the machine's load hits both sides of a ratio alike;
+    the figure is the median of the rounds' ratios.
+    """
+    placed = [name for name in ("corral tcp", "corral ray") if name in names]
+    ratios: dict[str, list[float]] = {name: [] for name in placed}
+    for _ in range(counts.repeats):
+        _pin({0})
+        local = None
+        for name in ["corral", *placed]:
+            async with SYSTEMS[name]() as call:
+                p50, _ = await sequential_latency(call, counts.latency_calls)
+            if local is None:
+                local = p50
+            else:
+                ratios[name].append(p50 / local)
+        _pin(None)
+    return {name: statistics.median(values) for name, values in ratios.items()}
+
+
 async def corral_extras(counts: Counts) -> dict[str, float]:
     """Figures only corral has: sessions versus plain calls, cold start."""
     import corral
@@ -349,10 +372,14 @@ async def main_async(args: argparse.Namespace) -> None:
                 address="local", num_cpus=WORKERS, include_dashboard=False, log_to_driver=False
             )
             ray_started = True
+    paired: dict[str, float] = {}
     try:
         for name in names:
             sys.stderr.write(f"measuring {name} ...\n")
             results[name] = await measure(name, counts)
+        if "corral" in names and ({"corral tcp", "corral ray"} & set(names)):
+            sys.stderr.write("measuring placed against local workers, in alternation ...\n")
+            paired = await placed_latency_ratios(names, counts)
     finally:
         if ray_started:
             ray.shutdown()
@@ -368,7 +395,10 @@ async def main_async(args: argparse.Namespace) -> None:
         for placed in ("corral tcp", "corral ray"):
             if placed in results:
                 ratio = results[placed][key] / results["corral"][key]
-                sys.stdout.write(f"{placed} / corral local, {key[:-5]}: {ratio:.2f}x\n")
+                sys.stdout.write(f"{placed} / corral local, latency p50: {ratio:.2f}x")
+                if placed in paired:
+                    sys.stdout.write(f" (in alternation: {paired[placed]:.2f}x)")
+                sys.stdout.write("\n")
 
 
 def main(argv: list[str] | None = None) -> None:
