@@ -1,6 +1,6 @@
 """Workers placed by a real (local) Ray: the corral API through RayLauncher, and its failures.
 
-One local Ray instance serves the whole test session (fake GPUs: Ray counts
+One local Ray instance serves every test here (fake GPUs: Ray counts
 them, nothing uses them). Ray starts and stops processes of its own while
 tests run, so the suite's per-test process check is replaced here by a check
 by pid: no corral worker or shepherd survives a test, and every process that
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -60,8 +61,14 @@ def _temp_dir() -> str:
     return tempfile.mkdtemp(prefix="cr")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_instance() -> Iterator[None]:
+    """The one local Ray of the test run (every Ray test is in this module).
+
+    Module-scoped, so that Ray is gone before the rest of the suite runs: its
+    processes come and go on their own, which the per-test leak check of the
+    other modules would take for leaks.
+    """
     before = {p.pid for p in _descendants()}
     temp_dir = _temp_dir()
     ray.init(
@@ -81,6 +88,8 @@ def ray_instance() -> Iterator[None]:
         for proc in alive:  # only what this session started, by pid
             proc.kill()
         psutil.wait_procs(alive, timeout=10)
+        if not temp_dir.startswith(str(HERE)):
+            shutil.rmtree(temp_dir, ignore_errors=True)
         assert not alive, f"left running after ray.shutdown(): {alive}"
 
 
