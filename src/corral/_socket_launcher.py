@@ -187,16 +187,13 @@ class Listener:
 
 
 class _SinkProtocol(asyncio.Protocol):
-    """The pool's side of the control connection: it writes, and expects nothing back."""
+    """The pool's side of the control connection: it writes, and expects nothing back.
 
-    def __init__(self, on_lost: Callable[[], None]) -> None:
-        self._on_lost = on_lost
+    Its end tells nothing the data connection and the exit status do not.
+    """
 
     def data_received(self, data: bytes) -> None:
         return None  # the worker never writes here
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._on_lost()
 
 
 class SocketConnection:
@@ -296,21 +293,19 @@ class RemoteWorker:
         owned = dict(sockets)
         opened: list[asyncio.BaseTransport] = []
         try:
-            sock = owned.pop(Role.SUPERVISION)
             supervision, _ = await loop.connect_accepted_socket(
-                lambda: _SupervisionProtocol(self), sock
+                lambda: _SupervisionProtocol(self), owned[Role.SUPERVISION]
             )
+            del owned[Role.SUPERVISION]  # the transport owns it from here
             self._supervision = supervision
             opened.append(supervision)
-            sock = owned.pop(Role.DATA)
             data, _ = await loop.connect_accepted_socket(
-                lambda: _ReadProtocol(decoder, self._events), sock
+                lambda: _ReadProtocol(decoder, self._events), owned[Role.DATA]
             )
+            del owned[Role.DATA]
             opened.append(data)
-            sock = owned.pop(Role.CONTROL)
-            control, _ = await loop.connect_accepted_socket(
-                lambda: _SinkProtocol(lambda: None), sock
-            )
+            control, _ = await loop.connect_accepted_socket(_SinkProtocol, owned[Role.CONTROL])
+            del owned[Role.CONTROL]
             opened.append(control)
         except BaseException:
             for transport in opened:
@@ -359,8 +354,8 @@ class RemoteWorker:
         So that when the pool hears of it, nothing of this worker is left
         running where it was placed. An exit status beats a loss decided first.
         """
-        if self._reported:
-            return
+        if self._reported or self._closed:
+            return  # told already, or let go of (a launch that failed)
         if self._outcome is None or (outcome[0] == "exit" and self._outcome[0] == "lost"):
             self._outcome = outcome
         if outcome[0] == "lost":
