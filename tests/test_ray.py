@@ -13,6 +13,8 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -194,3 +196,50 @@ def test_options_that_would_let_an_actor_outlive_its_pool_are_refused() -> None:
         RayLauncher(actor_options={"max_restarts": 3})
     with pytest.raises(ValueError, match="lifetime"):
         RayLauncher(actor_options={"lifetime": "detached"})
+
+
+@pytest.mark.timeout(240)
+async def test_workers_go_into_a_placement_group() -> None:
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{"CPU": 0.5, "GPU": 1}] * 2, strategy="PACK")
+    try:
+        await asyncio.wait_for(group.ready(), 120)
+        options = launcher(num_gpus=1, placement_group=group)
+        assert options.options["scheduling_strategy"].placement_group == group
+        async with Pool(TARGET, size=2, launcher=options) as pool:
+            async with pool.checkout() as first, pool.checkout() as second:
+                devices = {
+                    (await w.call("environ", ["CUDA_VISIBLE_DEVICES"]))["CUDA_VISIBLE_DEVICES"]
+                    for w in (first, second)
+                }
+            assert len(devices) == 2, devices
+    finally:
+        remove_placement_group(group)
+
+
+NOT_INITIALIZED = """
+import asyncio
+import corral
+from corral.ray import RayLauncher
+
+async def main():
+    try:
+        async with corral.Pool("tests.workers.basic:app", size=1, launcher=RayLauncher()):
+            pass
+    except corral.WorkerStartError as exc:
+        print("refused:", exc)
+
+asyncio.run(main())
+"""
+
+
+def test_without_ray_init_the_pool_says_to_call_it() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", NOT_INITIALIZED],
+        cwd=HERE.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "refused:" in run.stdout and "ray.init(" in run.stdout, run.stdout + run.stderr
