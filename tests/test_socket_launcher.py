@@ -300,3 +300,13 @@ def test_a_forked_child_does_not_keep_the_pools_tcp_workers_alive() -> None:
                 os.kill(child, signal.SIGKILL)
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+def test_corral_ray_without_ray_names_the_extra_to_install() -> None:
+    # sys.modules["ray"] = None makes ``import ray`` fail, as when it is not installed.
+    code = "import sys; sys.modules['ray'] = None; import corral.ray"
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode != 0
+    assert "pip install 'corral[ray]'" in run.stderr, run.stderr
