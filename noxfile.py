@@ -99,6 +99,13 @@ def dspy(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def ray(session: nox.Session) -> None:
+    """Workers on a real (local) Ray: tests/test_ray.py, which is skipped without Ray."""
+    session.install("-e", ".[test,ray]")
+    session.run("pytest", "tests/test_ray.py", "tests/test_socket_launcher.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def reliability(session: nox.Session) -> None:
     """The reliability suite alone: chaos, hostile workers, cancellation points,
     the pool state machine and parent death (``-s`` prints the chaos figures)."""

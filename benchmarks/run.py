@@ -8,7 +8,9 @@ processes. Figures are printed with their ratio to the floor (benchmarks/floor.p
 measured in the same run: ratios hold on a noisy machine, absolute times do not.
 Sequential latency is measured with this process and its workers pinned to one
 CPU (children inherit the affinity), which makes runs comparable here; the
-throughput figures use every CPU.
+throughput figures use every CPU. ``corral tcp`` and ``corral ray`` are corral
+with workers that connect back over TCP (loopback): started by a local shim, and
+placed by a local Ray instance (``RayLauncher``, when Ray is installed).
 """
 
 from __future__ import annotations
@@ -85,6 +87,34 @@ async def corral_system(session: bool = False) -> AsyncIterator[Call]:
 
     async with corral.Pool("benchmarks.corral_app:app", size=WORKERS) as pool:
         yield pool.call
+
+
+@contextlib.asynccontextmanager
+async def _corral_placed(launcher: Any) -> AsyncIterator[Call]:
+    """corral with workers that connect back over TCP (loopback here).
+
+    Their processes are not children of this one, so they are given this
+    process's CPU affinity by hand, as local workers inherit it.
+    """
+    import corral
+
+    async with corral.Pool("benchmarks.corral_app:app", size=WORKERS, launcher=launcher) as pool:
+        for worker in pool.workers:
+            if worker.pid is not None:
+                os.sched_setaffinity(worker.pid, os.sched_getaffinity(0))
+        yield pool.call
+
+
+def corral_tcp_system() -> contextlib.AbstractAsyncContextManager[Call]:
+    from corral._socket_launcher import SubprocessShimLauncher
+
+    return _corral_placed(SubprocessShimLauncher())
+
+
+def corral_ray_system() -> contextlib.AbstractAsyncContextManager[Call]:
+    from corral.ray import RayLauncher
+
+    return _corral_placed(RayLauncher(host="127.0.0.1", num_cpus=1))
 
 
 @contextlib.asynccontextmanager
@@ -178,6 +208,8 @@ def _pin(cpus: set[int] | None) -> None:
 SYSTEMS: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Call]]] = {
     "floor": floor_system,
     "corral": corral_system,
+    "corral tcp": corral_tcp_system,
+    "corral ray": corral_ray_system,
     "ProcessPoolExecutor": executor_system,
     "anyio.to_process": anyio_system,
     "pebble": pebble_system,
@@ -212,6 +244,29 @@ async def measure(name: str, counts: Counts, progress: Progress = NO_PROGRESS) -
             big = 1 if counts is QUICK else BIG_ECHOES
             add("echo 64 MiB (MiB/s)", await echo_rate(call, 64 * MIB, big))
     return {key: statistics.median(values) for key, values in figures.items()}
+
+
+async def placed_latency_ratios(names: list[str], counts: Counts) -> dict[str, float]:
+    """Latency p50 of placed workers over local ones, measured in alternation.
+
+    Each round measures the local launcher and each placed one back to back,
+    so that a change in the machine's load hits both sides of a ratio alike;
+    the figure is the median of the rounds' ratios.
+    """
+    placed = [name for name in ("corral tcp", "corral ray") if name in names]
+    ratios: dict[str, list[float]] = {name: [] for name in placed}
+    for _ in range(counts.repeats):
+        _pin({0})
+        local = None
+        for name in ["corral", *placed]:
+            async with SYSTEMS[name]() as call:
+                p50, _ = await sequential_latency(call, counts.latency_calls)
+            if local is None:
+                local = p50
+            else:
+                ratios[name].append(p50 / local)
+        _pin(None)
+    return {name: statistics.median(values) for name, values in ratios.items()}
 
 
 async def corral_extras(counts: Counts, progress: Progress = NO_PROGRESS) -> dict[str, float]:
@@ -304,7 +359,8 @@ def print_table(results: dict[str, dict[str, float]], out: Any = sys.stdout) -> 
         out.write(row + "\n")
 
 
-_NEEDS = {"anyio.to_process": "anyio", "pebble": "pebble"}
+_NEEDS = {"anyio.to_process": "anyio", "pebble": "pebble", "corral ray": "ray"}
+_EXTRAS = {"corral ray": "ray"}
 
 
 def _available(name: str) -> bool:
@@ -313,7 +369,8 @@ def _available(name: str) -> bool:
     module = _NEEDS.get(name)
     if module is None or importlib.util.find_spec(module) is not None:
         return True
-    sys.stderr.write(f"skipping {name}: {module} is not installed (pip install -e '.[bench]')\n")
+    extra = _EXTRAS.get(name, "bench")
+    sys.stderr.write(f"skipping {name}: {module} is not installed (pip install -e '.[{extra}]')\n")
     return False
 
 
@@ -334,9 +391,29 @@ async def main_async(args: argparse.Namespace, progress: Progress = NO_PROGRESS)
         names.insert(0, "floor")
     progress.planned(planned_figures(names, counts))
     results: dict[str, dict[str, float]] = {}
-    for name in names:
-        sys.stderr.write(f"measuring {name} ...\n")
-        results[name] = await measure(name, counts, progress)
+    ray_started = False
+    if "corral ray" in names:
+        # One local Ray for the run, started before any pinning: its own
+        # processes must not share the one CPU the latency figures use.
+        import ray
+
+        if not ray.is_initialized():
+            sys.stderr.write("starting a local Ray instance ...\n")
+            ray.init(
+                address="local", num_cpus=WORKERS, include_dashboard=False, log_to_driver=False
+            )
+            ray_started = True
+    paired: dict[str, float] = {}
+    try:
+        for name in names:
+            sys.stderr.write(f"measuring {name} ...\n")
+            results[name] = await measure(name, counts, progress)
+        if "corral" in names and ({"corral tcp", "corral ray"} & set(names)):
+            sys.stderr.write("measuring placed against local workers, in alternation ...\n")
+            paired = await placed_latency_ratios(names, counts)
+    finally:
+        if ray_started:
+            ray.shutdown()
     if "corral" in names:
         sys.stderr.write("measuring corral sessions and cold start ...\n")
         extras = await corral_extras(counts, progress)
@@ -345,6 +422,14 @@ async def main_async(args: argparse.Namespace, progress: Progress = NO_PROGRESS)
     if "corral" in names:
         for key, value in extras.items():
             sys.stdout.write(f"corral {key}: {_format(value)}\n")
+        key = "latency p50 (µs)"
+        for placed in ("corral tcp", "corral ray"):
+            if placed in results:
+                ratio = results[placed][key] / results["corral"][key]
+                sys.stdout.write(f"{placed} / corral local, latency p50: {ratio:.2f}x")
+                if placed in paired:
+                    sys.stdout.write(f" (in alternation: {paired[placed]:.2f}x)")
+                sys.stdout.write("\n")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

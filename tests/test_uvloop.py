@@ -48,3 +48,21 @@ def test_preloaded_workers_work_on_uvloop(tmp_path) -> None:
             assert await pool.call("imported_by") == template
 
     uvloop.run(main())
+
+
+def test_workers_over_tcp_work_on_uvloop() -> None:
+    from corral._socket_launcher import SubprocessShimLauncher
+
+    async def main() -> None:
+        launcher = SubprocessShimLauncher()
+        async with corral.Pool("tests.workers.basic:app", size=2, launcher=launcher) as pool:
+            assert await pool.call("add", 1, 2) == 3
+            results = await asyncio.gather(*(pool.call("echo", i) for i in range(200)))
+            assert results == list(range(200))
+            with pytest.raises(corral.WorkerCrashed) as info:
+                await pool.call("exit_now", 4)
+            assert info.value.exit_code == 4
+            await pool.wait_ready(timeout=10)
+        assert launcher.listener is None
+
+    uvloop.run(main())

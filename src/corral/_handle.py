@@ -308,6 +308,14 @@ class WorkerHandle:
             self.pid = hello.pid
             self.handlers = tuple(hello.handlers)
             if self._rlimits:
+                if not getattr(self._launched, "same_host", True):
+                    self.kill("worker_rlimits need workers on this host")
+                    raise WorkerStartError(
+                        "worker_rlimits apply only to workers on the pool's host; this "
+                        "launcher places them elsewhere (use the placement's own limits)",
+                        worker_id=self.id,
+                        pid=hello.pid,
+                    )
                 self._apply_rlimits(hello.pid)
             self.ready_at = time.monotonic()
             self.idle_since = self.ready_at
@@ -650,6 +658,12 @@ class WorkerHandle:
         self.exit_code = returncode
         self._loop.create_task(self._finalize_exit())
 
+    def process_lost(self, reason: str) -> None:
+        """A remote worker can no longer be reached: no exit status will ever come."""
+        if self.kill_reason is None and not self.closing:
+            self.kill_reason = reason
+        self._loop.create_task(self._finalize_exit())
+
     async def _wait_stderr_tail(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stderr_done.wait(), _EXIT_TAIL_WAIT)
@@ -743,8 +757,8 @@ class WorkerHandle:
 
     def sample_rss(self) -> int | None:
         """Read the worker's resident memory from /proc (Linux); None if unknown."""
-        if self.pid is None:
-            return None
+        if self.pid is None or not getattr(self._launched, "same_host", True):
+            return None  # a worker on another host: its pid means nothing here
         rss = rss_of(self.pid)
         if rss is not None:
             self.rss = rss

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import threading
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -236,8 +237,9 @@ async def open_pipe_connection(
 class BlockingFrameWriter:
     """The worker's writer: whole frames, written by any thread, never interleaved.
 
-    The descriptor is blocking: a frame is written completely before the next
-    one starts, under a lock, so the worker's control thread can answer a Ping
+    The descriptor is blocking (or, for a socket whose reading side is
+    non-blocking, waited on until writable): a frame is written completely
+    before the next one starts, under a lock, so the worker's control thread can answer a Ping
     while its event loop is busy running a sync handler.
     """
 
@@ -257,7 +259,11 @@ class BlockingFrameWriter:
             write = os.write
             fd = self._fd
             while view:
-                view = view[write(fd, view) :]
+                try:
+                    view = view[write(fd, view) :]
+                except BlockingIOError:
+                    # A socket whose reading side made it non-blocking: wait for room.
+                    select.select((), (fd,), ())
 
     def send_now(self, message: Any) -> None:
         """Encode and write one message at once (from any thread)."""
