@@ -25,6 +25,7 @@ from typing import Any, Protocol, cast
 from ._errors import ProtocolError, WorkerStartError
 from ._framing import FrameDecoder, FrameEncoder
 from ._messages import ParentBound
+from ._shm import LargeBuffers
 from ._transport import FrameConnection, open_pipe_connection
 
 __all__ = [
@@ -67,6 +68,10 @@ class WorkerSpec:
     max_message_size: int = 0
     env_allowlist: tuple[str, ...] | None = None  # None: inherit the whole environment
     single_threaded_math: bool = True
+    # Large buffers out of band (``_shm``): buffers over the threshold go through
+    # segments named ``shm_prefix...``; 0 keeps everything on the pipes.
+    large_buffer_threshold: int = 0
+    shm_prefix: str = ""
 
     def command(self, read_fd: int, write_fd: int, control_fd: int) -> list[str]:
         """The worker's argv (without the shepherd in front)."""
@@ -77,11 +82,28 @@ class WorkerSpec:
             self.worker_id,
             "--max-message-size",
             str(self.max_message_size),
+            *self._large_buffer_args(),
             self.target,
         ]
         if self.python is None:
             return [sys.executable, "-c", _BOOTSTRAP, *args]
         return [self.python, "-m", "corral.worker", *args]
+
+    def _large_buffer_args(self) -> list[str]:
+        if not self.large_buffer_threshold:
+            return []
+        return [
+            "--large-buffer-threshold",
+            str(self.large_buffer_threshold),
+            "--shm-prefix",
+            self.shm_prefix,
+        ]
+
+    def large_buffers(self) -> LargeBuffers | None:
+        """The pool's side of this worker's segments; None when the path is off."""
+        if not self.large_buffer_threshold:
+            return None
+        return LargeBuffers(self.shm_prefix, self.large_buffer_threshold, "p")
 
     def environment(self) -> dict[str, str]:
         if self.env_allowlist is None:
@@ -246,6 +268,7 @@ class LocalLauncher:
             "-S",
             SHEPHERD,
             str(lifeline_r),
+            *([f"--unlink-prefix={spec.shm_prefix}"] if spec.shm_prefix else []),
             "--",
             *spec.command(to_worker_r, to_parent_w, control_r),
         ]
@@ -273,13 +296,14 @@ class LocalLauncher:
             raise
         for fd in child_ends:
             os.close(fd)
+        large = spec.large_buffers()
         try:
             connection = await open_pipe_connection(
                 to_parent_r,
                 to_worker_w,
                 events,
-                FrameDecoder(ParentBound, spec.max_message_size),  # type: ignore[arg-type]
-                FrameEncoder(spec.max_message_size),
+                FrameDecoder(ParentBound, spec.max_message_size, large),  # type: ignore[arg-type]
+                FrameEncoder(spec.max_message_size, large),
                 control_fd=control_w,
             )
         except BaseException:
