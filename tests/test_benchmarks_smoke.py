@@ -30,3 +30,17 @@ def test_quick_benchmark_prints_the_table_with_ratios() -> None:
         assert row in run.stdout
     assert "(1.00x)" in run.stdout  # the floor's own column
     assert "corral session calls / plain calls" in run.stdout
+
+
+def test_threshold_sweep_prints_pipes_against_shared_memory() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--sweep"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "/dev/shm (MiB/s)" in run.stdout
+    for size in ("16 KiB", "1024 KiB", "4096 KiB"):
+        assert size in run.stdout
