@@ -2,10 +2,14 @@
 
     python -m benchmarks.run            # full run: medians of 5 repeats
     python -m benchmarks.run --quick    # smoke test: small counts, 1 repeat
+    python -m benchmarks.run --sweep    # echo by size, pipes against /dev/shm
 
 Every system runs the same task functions (benchmarks/tasks.py) with 2 worker
 processes. Figures are printed with their ratio to the floor (benchmarks/floor.py)
 measured in the same run: ratios hold on a noisy machine, absolute times do not.
+The ``corral`` column uses default settings, where buffers over
+``large_buffer_threshold`` (256 KiB) travel through /dev/shm; ``corral-pipes``
+turns that path off, so its echo rows are the pipes alone.
 Sequential latency is measured with this process and its workers pinned to one
 CPU (children inherit the affinity), which makes runs comparable here; the
 throughput figures use every CPU. ``corral tcp`` and ``corral ray`` are corral
@@ -83,6 +87,7 @@ async def floor_system() -> AsyncIterator[Call]:
 
 @contextlib.asynccontextmanager
 async def corral_system(session: bool = False) -> AsyncIterator[Call]:
+    """corral with default settings: buffers over 256 KiB go through /dev/shm."""
     import corral
 
     async with corral.Pool("benchmarks.corral_app:app", size=WORKERS) as pool:
@@ -115,6 +120,16 @@ def corral_ray_system() -> contextlib.AbstractAsyncContextManager[Call]:
     from corral.ray import RayLauncher
 
     return _corral_placed(RayLauncher(host="127.0.0.1", num_cpus=1))
+
+
+async def corral_pipes_system() -> AsyncIterator[Call]:
+    """corral with the large-buffer path off: every byte goes through the pipes."""
+    import corral
+
+    async with corral.Pool(
+        "benchmarks.corral_app:app", size=WORKERS, large_buffer_threshold=None
+    ) as pool:
+        yield pool.call
 
 
 @contextlib.asynccontextmanager
@@ -210,6 +225,7 @@ SYSTEMS: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Call]]] =
     "corral": corral_system,
     "corral tcp": corral_tcp_system,
     "corral ray": corral_ray_system,
+    "corral-pipes": corral_pipes_system,
     "ProcessPoolExecutor": executor_system,
     "anyio.to_process": anyio_system,
     "pebble": pebble_system,
@@ -312,6 +328,35 @@ async def corral_extras(counts: Counts, progress: Progress = NO_PROGRESS) -> dic
     return {key: statistics.median(values) for key, values in results.items()}
 
 
+SWEEP_KIB = (16, 64, 128, 256, 512, 1024, 4096)
+
+
+async def threshold_sweep(counts: Counts) -> None:
+    """Echo rate by payload size, pipes against /dev/shm: where the threshold belongs."""
+    import corral
+
+    rates: dict[tuple[int, bool], list[float]] = {}
+    for _ in range(counts.repeats):
+        for shm in (False, True):
+            # threshold 1 byte: every payload measured here goes out of band
+            async with corral.Pool(
+                "benchmarks.corral_app:app", size=WORKERS, large_buffer_threshold=1 if shm else None
+            ) as pool:
+                for kib in SWEEP_KIB:
+                    n = max(4, (32 * MIB) // (kib * 1024) // (4 if counts is QUICK else 1))
+                    rate = await echo_rate(pool.call, kib * 1024, n)
+                    rates.setdefault((kib, shm), []).append(rate)
+    sys.stdout.write(
+        f"{'echo size':>10}{'pipes (MiB/s)':>16}{'/dev/shm (MiB/s)':>18}{'ratio':>8}\n"
+    )
+    for kib in SWEEP_KIB:
+        pipes = statistics.median(rates[(kib, False)])
+        shm_rate = statistics.median(rates[(kib, True)])
+        sys.stdout.write(
+            f"{kib:>6} KiB{_format(pipes):>16}{_format(shm_rate):>18}{shm_rate / pipes:>7.2f}x\n"
+        )
+
+
 def _rss_of(pid: int) -> int:
     from corral._handle import rss_of
 
@@ -385,6 +430,10 @@ def planned_figures(names: list[str], counts: Counts) -> int:
 async def main_async(args: argparse.Namespace, progress: Progress = NO_PROGRESS) -> None:
     """Measure the systems ``args`` names and print the table (``corral bench`` runs this)."""
     counts = QUICK if args.quick else FULL
+    if args.sweep:
+        sys.stderr.write("measuring echo by size, pipes against /dev/shm ...\n")
+        await threshold_sweep(counts)
+        return
     names = [n for n in SYSTEMS if n in args.systems] if args.systems else list(SYSTEMS)
     names = [n for n in names if _available(n)]
     if "floor" not in names:
@@ -438,6 +487,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small counts, one repeat")
     parser.add_argument("--uvloop", action="store_true", help="run the parent on uvloop")
     parser.add_argument("--systems", nargs="*", help=f"subset of {list(SYSTEMS)}")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="only corral's echo rate by size, pipes against /dev/shm (large_buffer_threshold)",
+    )
     return parser
 
 

@@ -71,3 +71,17 @@ def test_preload_benchmark_prints_both_modes() -> None:
     assert run.returncode == 0, run.stderr
     for mode in ("plain", "preload"):
         assert f"{mode:8} launch to first result: median" in run.stdout
+
+
+def test_threshold_sweep_prints_pipes_against_shared_memory() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--sweep"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "/dev/shm (MiB/s)" in run.stdout
+    for size in ("16 KiB", "1024 KiB", "4096 KiB"):
+        assert size in run.stdout

@@ -16,6 +16,10 @@ from ._framing import DEFAULT_MAX_MESSAGE_SIZE, MAX_POSSIBLE_SIZE
 
 __all__ = ["PoolConfig"]
 
+#: Where the large-buffer path starts paying off on this kind of machine
+#: (docs/performance.md, "Large buffers").
+DEFAULT_LARGE_BUFFER_THRESHOLD = 256 * 1024
+
 
 @dataclass(frozen=True, kw_only=True)
 class PoolConfig:
@@ -60,6 +64,11 @@ class PoolConfig:
     startup_timeout: float = 60.0
     #: Largest message accepted either way; a 64 MiB argument fits by default.
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    #: Bytes-like arguments and results (top level or nested in lists, tuples and
+    #: dicts) larger than this many bytes travel through shared memory in
+    #: /dev/shm instead of the pipes; they still count against max_message_size.
+    #: None or 0 keeps everything on the pipes.
+    large_buffer_threshold: int | None = DEFAULT_LARGE_BUFFER_THRESHOLD
     #: Callers allowed to wait for a worker; past it, PoolOverloaded. None: no bound.
     max_waiting: int | None = None
     #: After a Cancel, how long a worker has to acknowledge before it is evicted.
@@ -118,6 +127,11 @@ class PoolConfig:
             )
         if not 0 < self.max_message_size <= MAX_POSSIBLE_SIZE:
             raise ValueError(f"max_message_size must be in 1..{MAX_POSSIBLE_SIZE}")
+        threshold = self.large_buffer_threshold
+        if threshold is not None and (not isinstance(threshold, int) or threshold < 0):
+            raise ValueError(
+                f"large_buffer_threshold must be an int >= 0 or None, got {threshold!r}"
+            )
         if self.max_waiting is not None and self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0 or None, got {self.max_waiting!r}")
         if self.max_restarts < 0:

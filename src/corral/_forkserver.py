@@ -181,7 +181,8 @@ class Template:
         request = {
             "worker_id": spec.worker_id,
             "target": spec.target,
-            "max_message_size": spec.max_message_size,
+            "args": spec.worker_args(),
+            "unlink_prefix": spec.shm_prefix,
         }
         try:
             socket.send_fds(sock, [json.dumps(request).encode()], child_ends)
@@ -201,12 +202,13 @@ class Template:
             await worker.attach_pipes(status_r, stderr_r)
             await asyncio.wait_for(asyncio.shield(worker.started), _FORK_TIMEOUT)
             wire = []
+            large = spec.large_buffers()
             worker.connection = await open_pipe_connection(
                 to_parent_r,
                 to_worker_w,
                 events,
-                FrameDecoder(ParentBound, spec.max_message_size),  # type: ignore[arg-type]
-                FrameEncoder(spec.max_message_size),
+                FrameDecoder(ParentBound, spec.max_message_size, large),  # type: ignore[arg-type]
+                FrameEncoder(spec.max_message_size, large),
                 control_fd=control_w,
             )
         except BaseException as exc:

@@ -3,15 +3,20 @@
 Owns: turning messages into framed bytes and a byte stream back into messages,
 with the size limit and every malformed input mapped to ProtocolError. Must not
 touch: sockets, pipes or the event loop; it is fed bytes and returns values.
+Large buffers out of band are delegated to an optional ``_shm.LargeBuffers``,
+which owns the only file I/O on this path.
 """
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
 from ._errors import EncodeError, PayloadTooLarge, ProtocolError
+
+if TYPE_CHECKING:
+    from ._shm import LargeBuffers, Offloaded
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -37,6 +42,9 @@ def _reject_extension(code: int, data: memoryview) -> Any:
     raise ProtocolError(f"unknown MessagePack extension type {code}")
 
 
+_LARGE_BUFFER_EXT = 1  # corral._shm.LARGE_BUFFER_EXT; not imported, to keep this module I/O-free
+
+
 # Errors msgspec and the interpreter raise on hostile input (truncation, bad
 # UTF-8, wrong types, deep nesting): all of them mean "not a valid message".
 _DECODE_FAILURES = (msgspec.DecodeError, RecursionError, ValueError, TypeError, OverflowError)
@@ -44,22 +52,36 @@ _ENCODE_FAILURES = (TypeError, ValueError, OverflowError, RecursionError)
 
 
 class FrameEncoder:
-    """Appends framed messages to a bytearray, refusing any over the size limit."""
+    """Appends framed messages to a bytearray, refusing any over the size limit.
 
-    __slots__ = ("_encode_into", "max_size")
+    With ``large_buffers``, bytes-like values over its threshold are written to
+    shared-memory segments and the frame carries references to them; the
+    buffers count against ``max_size`` with the frame.
+    """
 
-    def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    __slots__ = ("_encode_into", "_large", "max_size")
+
+    def __init__(
+        self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE, large_buffers: LargeBuffers | None = None
+    ) -> None:
         if not 0 < max_size <= MAX_POSSIBLE_SIZE:
             raise ValueError(f"max_size must be in 1..{MAX_POSSIBLE_SIZE}, got {max_size}")
         self.max_size = max_size
         self._encode_into = msgspec.msgpack.Encoder().encode_into
+        self._large = large_buffers
 
     def append(self, message: Any, buffer: bytearray) -> int:
         """Append one frame to ``buffer`` and return its payload size.
 
-        On failure ``buffer`` is left exactly as it was: EncodeError for a value
-        MessagePack cannot hold, PayloadTooLarge for a message over the limit.
+        On failure ``buffer`` is left exactly as it was, and no segment is left
+        behind: EncodeError for a value MessagePack cannot hold, PayloadTooLarge
+        for a message over the limit.
         """
+        large = self._large
+        if large is not None and large.wants(message):
+            offloaded = large.offload(message, self.max_size)
+            if offloaded is not None:
+                return self._append_offloaded(offloaded, buffer, large)
         start = len(buffer)
         try:
             self._encode_into(message, buffer, start + HEADER_SIZE)
@@ -71,10 +93,40 @@ class FrameEncoder:
                 raise EncodeError(f"cannot encode message: {exc}") from exc
             raise
         size = len(buffer) - start - HEADER_SIZE
+        if large is not None and size > large.threshold:
+            # A buffer over the threshold may be nested deeper than ``wants`` looks.
+            offloaded = large.offload(message, self.max_size)
+            if offloaded is not None:
+                del buffer[start:]
+                return self._append_offloaded(offloaded, buffer, large)
         if size > self.max_size:
             del buffer[start:]
             raise PayloadTooLarge(
                 f"message of {size} bytes is over the limit of {self.max_size} bytes"
+            )
+        buffer[start : start + HEADER_SIZE] = size.to_bytes(HEADER_SIZE, "big")
+        return size
+
+    def _append_offloaded(
+        self, offloaded: Offloaded, buffer: bytearray, large: LargeBuffers
+    ) -> int:
+        """Append the frame of a message whose buffers are already in segments."""
+        start = len(buffer)
+        try:
+            self._encode_into(offloaded.message, buffer, start + HEADER_SIZE)
+        except BaseException as exc:
+            del buffer[start:]
+            large.discard(offloaded.names)
+            if isinstance(exc, _ENCODE_FAILURES):
+                raise EncodeError(f"cannot encode message: {exc}") from exc
+            raise
+        size = len(buffer) - start - HEADER_SIZE
+        if size + offloaded.total > self.max_size:
+            del buffer[start:]
+            large.discard(offloaded.names)
+            raise PayloadTooLarge(
+                f"message of {size + offloaded.total} bytes (with its large buffers) is over "
+                f"the limit of {self.max_size} bytes"
             )
         buffer[start : start + HEADER_SIZE] = size.to_bytes(HEADER_SIZE, "big")
         return size
@@ -94,15 +146,34 @@ class FrameDecoder(Generic[T]):
     the stream is unusable and every later ``feed`` raises again.
     """
 
-    __slots__ = ("_buffer", "_decode", "_failed", "max_size")
+    __slots__ = ("_budget", "_buffer", "_decode", "_failed", "_large", "max_size")
 
-    def __init__(self, message_type: type[T], max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    def __init__(
+        self,
+        message_type: type[T],
+        max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        large_buffers: LargeBuffers | None = None,
+    ) -> None:
         if not 0 < max_size <= MAX_POSSIBLE_SIZE:
             raise ValueError(f"max_size must be in 1..{MAX_POSSIBLE_SIZE}, got {max_size}")
         self.max_size = max_size
-        self._decode = msgspec.msgpack.Decoder(message_type, ext_hook=_reject_extension).decode
+        self._large = large_buffers
+        self._budget = 0  # what the large buffers of the frame being decoded may still use
+        hook = _reject_extension if large_buffers is None else self._extension
+        self._decode = msgspec.msgpack.Decoder(message_type, ext_hook=hook).decode
         self._buffer = bytearray()
         self._failed: ProtocolError | None = None
+
+    def _extension(self, code: int, data: memoryview) -> Any:
+        """Large-buffer references become their bytes; any other extension is refused."""
+        if code != _LARGE_BUFFER_EXT or self._large is None:
+            del data  # see _reject_extension
+            raise ProtocolError(f"unknown MessagePack extension type {code}")
+        reference = bytes(data)  # small; a view must not outlive this call (see above)
+        del data
+        value = self._large.load(reference, self._budget)
+        self._budget -= len(value)
+        return value
 
     @property
     def buffered(self) -> int:
@@ -130,6 +201,7 @@ class FrameDecoder(Generic[T]):
                 end = offset + HEADER_SIZE + size
                 if end > available:
                     break
+                self._budget = self.max_size - size
                 with memoryview(buffer) as view:
                     try:
                         messages.append(self._decode(view[offset + HEADER_SIZE : end]))

@@ -56,6 +56,7 @@ from ._messages import (
     Result,
     Shutdown,
 )
+from ._shm import LostSegment, unlink_segments
 from ._state import WorkerState, check_transition
 from ._transport import TruncatedStream
 
@@ -609,9 +610,11 @@ class WorkerHandle:
         self.connection_broken(ProtocolError(reason, worker_id=self.id, pid=self.pid))
 
     def connection_broken(self, error: ProtocolError | None) -> None:
-        if isinstance(error, TruncatedStream) and not self._exited.is_set():
+        if isinstance(error, TruncatedStream | LostSegment) and not self._exited.is_set():
             # A stream cut inside a frame is what a worker killed mid-write leaves
-            # too: its exit status decides (a crash), unless it exits cleanly or
+            # too, and a result whose segment is gone is what a worker that died
+            # right after sending it leaves (its shepherd unlinked the segment):
+            # its exit status decides (a crash), unless it exits cleanly or
             # lingers, which makes it the protocol error it looks like.
             self._truncated = error
             self._loop.call_later(_EOF_EXIT_WAIT, self._eof_without_exit)
@@ -716,6 +719,9 @@ class WorkerHandle:
                 **context,
             )
 
+        if self.spec.shm_prefix:
+            # Before any caller hears of the death: what the worker left is gone.
+            unlink_segments(self.spec.shm_prefix)
         self._fail_pending(crashed)
         if self._launched is not None:
             self._launched.close()

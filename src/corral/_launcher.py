@@ -29,6 +29,7 @@ from . import _forkserver
 from ._errors import ProtocolError, WorkerStartError
 from ._framing import FrameDecoder, FrameEncoder
 from ._messages import ParentBound
+from ._shm import LargeBuffers
 from ._transport import FrameConnection, open_pipe_connection
 
 __all__ = [
@@ -75,18 +76,14 @@ class WorkerSpec:
     single_threaded_math: bool = True
     preload: tuple[str, ...] = ()  # modules a template imports once; workers fork from it
     startup_timeout: float = 60.0  # bounds the template's preload imports too
+    # Large buffers out of band (``_shm``): buffers over the threshold go through
+    # segments named ``shm_prefix...``; 0 keeps everything on the pipes.
+    large_buffer_threshold: int = 0
+    shm_prefix: str = ""
 
     def command(self, read_fd: int, write_fd: int, control_fd: int) -> list[str]:
         """The worker's argv (without the shepherd in front)."""
-        args = [
-            "--fds",
-            f"{read_fd},{write_fd},{control_fd}",
-            "--worker-id",
-            self.worker_id,
-            "--max-message-size",
-            str(self.max_message_size),
-            self.target,
-        ]
+        args = ["--fds", f"{read_fd},{write_fd},{control_fd}", *self.worker_args()]
         if self.python is None:
             return [sys.executable, "-c", _BOOTSTRAP, *args]
         return [self.python, "-m", "corral.worker", *args]
@@ -97,6 +94,37 @@ class WorkerSpec:
         if self.python is None:
             return [sys.executable, "-c", _TEMPLATE_BOOTSTRAP, *args]
         return [self.python, "-m", "corral.worker._template", *args]
+
+    def worker_args(self) -> list[str]:
+        """The worker's options after ``--fds`` (a forked worker gets the same)."""
+        large = (
+            [
+                "--large-buffer-threshold",
+                str(self.large_buffer_threshold),
+                "--shm-prefix",
+                self.shm_prefix,
+            ]
+            if self.large_buffer_threshold
+            else []
+        )
+        return [
+            "--worker-id",
+            self.worker_id,
+            "--max-message-size",
+            str(self.max_message_size),
+            *large,
+            self.target,
+        ]
+
+    def shepherd_options(self) -> list[str]:
+        """The shepherd's options: which segments to unlink once the worker is gone."""
+        return [f"--unlink-prefix={self.shm_prefix}"] if self.shm_prefix else []
+
+    def large_buffers(self) -> LargeBuffers | None:
+        """The pool's side of this worker's segments; None when the path is off."""
+        if not self.large_buffer_threshold:
+            return None
+        return LargeBuffers(self.shm_prefix, self.large_buffer_threshold, "p")
 
     def environment(self) -> dict[str, str]:
         if self.env_allowlist is None:
@@ -256,6 +284,7 @@ async def spawn_under_shepherd(
     env: Mapping[str, str],
     cwd: str | None,
     worker_id: str | None = None,
+    shepherd_options: Sequence[str] = (),
 ) -> tuple[asyncio.SubprocessTransport, int]:
     """Start ``command`` under a shepherd in a new session; returns (transport, lifeline).
 
@@ -265,7 +294,16 @@ async def spawn_under_shepherd(
     """
     loop = asyncio.get_running_loop()
     lifeline_r, lifeline_w = os.pipe()
-    full = [sys.executable, "-I", "-S", SHEPHERD, str(lifeline_r), "--", *command]
+    full = [
+        sys.executable,
+        "-I",
+        "-S",
+        SHEPHERD,
+        str(lifeline_r),
+        *shepherd_options,
+        "--",
+        *command,
+    ]
     try:
         try:
             transport, _ = await loop.subprocess_exec(  # uvloop's is duck-typed
@@ -355,6 +393,7 @@ class LocalLauncher:
                 spec.environment(),
                 spec.cwd,
                 spec.worker_id,
+                spec.shepherd_options(),
             )
         except BaseException:
             for fd in parent_ends:
@@ -363,13 +402,14 @@ class LocalLauncher:
         finally:
             for fd in child_ends:
                 os.close(fd)
+        large = spec.large_buffers()
         try:
             connection = await open_pipe_connection(
                 to_parent_r,
                 to_worker_w,
                 events,
-                FrameDecoder(ParentBound, spec.max_message_size),  # type: ignore[arg-type]
-                FrameEncoder(spec.max_message_size),
+                FrameDecoder(ParentBound, spec.max_message_size, large),  # type: ignore[arg-type]
+                FrameEncoder(spec.max_message_size, large),
                 control_fd=control_w,
             )
         except BaseException:

@@ -49,6 +49,7 @@ from ._errors import (
 )
 from ._handle import _END, PendingCall, WorkerHandle
 from ._launcher import Launcher, LocalLauncher, WorkerSpec
+from ._shm import new_pool_prefix, unlink_segments
 from ._state import WorkerState
 from ._stats import LatencyRecorder, PoolStats
 from ._status import EvictionLog, PoolStatus, QueueInfo, build_status
@@ -195,6 +196,7 @@ class Pool:
         )
         self.name = name or f"pool{next(_pool_numbers)}"
         self._launcher: Launcher = launcher or LocalLauncher()
+        self._shm_prefix = new_pool_prefix()  # large-buffer segments: /dev/shm/<prefix><n>-*
         self._log = structlog.get_logger("corral").bind(pool=self.name)
         self._fork_generation = _fork_generation
         self._workers: list[WorkerHandle] = []
@@ -323,6 +325,7 @@ class Pool:
             await close_launcher()
         self._workers.clear()
         self._sessions.clear()
+        unlink_segments(self._shm_prefix)  # each worker's exit did; this catches any stray
         self._state = "closed"
         self._log.info("pool.closed")
 
@@ -863,7 +866,8 @@ class Pool:
     # --- supervision ------------------------------------------------------------------
 
     def _new_worker(self) -> WorkerHandle:
-        worker_id = f"{self.name}-w{next(self._worker_numbers)}"
+        number = next(self._worker_numbers)
+        worker_id = f"{self.name}-w{number}"
         spec = WorkerSpec(
             worker_id=worker_id,
             target=self.target,
@@ -875,6 +879,8 @@ class Pool:
             max_message_size=self.config.max_message_size,
             preload=cast("tuple[str, ...]", self.config.preload),
             startup_timeout=self.config.startup_timeout,
+            large_buffer_threshold=self.config.large_buffer_threshold or 0,
+            shm_prefix=f"{self._shm_prefix}{number}-",
         )
         worker = WorkerHandle(
             spec,

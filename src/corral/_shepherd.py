@@ -1,7 +1,7 @@
 """The shepherd: a tiny process that starts one worker and makes sure it dies.
 
-Run as ``python -I -S _shepherd.py LIFELINE_FD -- WORKER_ARGV...`` by the local
-launcher, as the leader of a new session. It imports nothing from corral and
+Run as ``python -I -S _shepherd.py LIFELINE_FD [--unlink-prefix=P] -- WORKER_ARGV...``
+by the local launcher, as the leader of a new session. It imports nothing from corral and
 runs no user code, so it always answers, even when the worker's main thread is
 stuck in C code holding the GIL.
 
@@ -12,6 +12,9 @@ Owns: the worker's process group and its end. It
 - on SIGTERM forwards SIGTERM to the group; on SIGUSR1 kills the group;
 - when the worker ends, kills what is left of the group (grandchildren) before
   reaping the worker, so the group id cannot be reused under it;
+- once the group is gone, unlinks the worker's large-buffer segments left in
+  /dev/shm (names starting with the ``--unlink-prefix``), so neither a crash
+  nor the death of the pool's process leaks shared memory;
 - then ends the same way the worker did (same exit code, or same signal), so the
   pool reads the worker's exit status from its own child.
 
@@ -30,6 +33,23 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _unlink_segments(prefix: str) -> None:
+    """Unlink /dev/shm/PREFIX*: what the dead worker (or a dead pool) left behind."""
+    # The launcher passes "corral-<pid>-<random>-<n>-": never a bare or odd prefix.
+    if not prefix.startswith("corral-") or "/" in prefix or len(prefix) < 12:
+        return
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            try:  # noqa: SIM105 - contextlib would pull more imports into the shepherd
+                os.unlink("/dev/shm/" + name)
+            except OSError:
+                pass
 
 
 def _mirror(status: int) -> None:
@@ -54,11 +74,15 @@ def _mirror(status: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 4 or argv[2] != "--":
-        sys.stderr.write("usage: _shepherd.py LIFELINE_FD -- WORKER_ARGV...\n")
+    separator = argv.index("--") if "--" in argv else -1
+    options = argv[2:separator] if separator > 1 else []
+    unknown = [o for o in options if not o.startswith("--unlink-prefix=")]
+    if separator < 2 or separator == len(argv) - 1 or unknown:
+        sys.stderr.write("usage: _shepherd.py LIFELINE_FD [--unlink-prefix=P] -- WORKER_ARGV...\n")
         os._exit(2)
     lifeline = int(argv[1])
-    command = argv[3:]
+    command = argv[separator + 1 :]
+    prefixes = [o.partition("=")[2] for o in options]
     os.set_inheritable(lifeline, False)
 
     worker_pid = 0
@@ -87,15 +111,16 @@ def main(argv: list[str]) -> None:
     os.closerange(3, lifeline)
     os.closerange(lifeline + 1, 65536)
 
-    status = supervise(worker_pid, lifeline)
+    status = supervise(worker_pid, lifeline, prefixes)
     if status is None:
         os._exit(0)
     _mirror(status)
 
 
-def supervise(worker_pid: int, lifeline: int) -> int | None:
+def supervise(worker_pid: int, lifeline: int, unlink_prefixes: list[str]) -> int | None:
     """Wait for the worker to end or the lifeline to close; clear its group; reap it.
 
+    Then unlinks the worker's large-buffer segments (``unlink_prefixes``).
     Returns the worker's wait status (None if it was reaped elsewhere). Also run
     by the per-worker shepherd of a worker forked from a template
     (``corral.worker._template``).
@@ -130,14 +155,18 @@ def supervise(worker_pid: int, lifeline: int) -> int | None:
     # The worker has ended (a zombie still owns its pid and group id) or is being
     # killed: clear out its group, then reap it.
     _kill_group(worker_pid, signal.SIGKILL)
+    status: int | None = None
     while True:
         try:
             _, status = os.waitpid(worker_pid, 0)
-            return status
+            break
         except InterruptedError:
             continue
         except ChildProcessError:
-            return None
+            break
+    for prefix in unlink_prefixes:
+        _unlink_segments(prefix)
+    return status
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fds", default="0,1", help="READ,WRITE[,CONTROL] protocol descriptors")
     parser.add_argument("--worker-id", default=f"w{os.getpid()}")
     parser.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE)
+    parser.add_argument("--large-buffer-threshold", type=int, default=0)
+    parser.add_argument("--shm-prefix", default="")
     args = parser.parse_args(argv)
     fds = [int(x) for x in args.fds.split(",")]
     read_fd, write_fd = fds[0], fds[1]
@@ -100,10 +102,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(3)
 
+    from .._shm import LargeBuffers
     from ._runtime import serve
 
+    large = None
+    if args.large_buffer_threshold > 0:
+        large = LargeBuffers(args.shm_prefix, args.large_buffer_threshold, "w")
     code = asyncio.run(
-        serve(app, args.worker_id, read_fd, write_fd, args.max_message_size, control_fd)
+        serve(app, args.worker_id, read_fd, write_fd, args.max_message_size, control_fd, large)
     )
     sys.stdout.flush()
     sys.stderr.flush()

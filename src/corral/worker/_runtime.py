@@ -58,6 +58,7 @@ from .._messages import (
     Shutdown,
     WorkerBound,
 )
+from .._shm import LargeBuffers
 from .._transport import BlockingFrameWriter, open_frame_reader
 from . import _tracing
 from ._app import App, Context, Handler, HandlerKind
@@ -635,16 +636,21 @@ async def serve(
     write_fd: int,
     max_message_size: int,
     control_fd: int | None = None,
+    large_buffers: LargeBuffers | None = None,
 ) -> int:
-    """Run the worker until told to stop; returns the process exit code."""
+    """Run the worker until told to stop; returns the process exit code.
+
+    With ``large_buffers``, arguments and results over its threshold travel
+    through shared-memory segments (``corral._shm``).
+    """
     log = structlog.get_logger("corral.worker").bind(worker_id=worker_id, pid=os.getpid())
-    encoder = FrameEncoder(max_message_size)
+    encoder = FrameEncoder(max_message_size, large_buffers)
     writer = BlockingFrameWriter(write_fd, encoder)
     runtime = WorkerRuntime(app, worker_id, writer, encoder)
     reader = await open_frame_reader(
         read_fd,
         runtime,
-        FrameDecoder(WorkerBound, max_message_size),  # type: ignore[arg-type]
+        FrameDecoder(WorkerBound, max_message_size, large_buffers),  # type: ignore[arg-type]
     )
     if control_fd is not None:
         threading.Thread(

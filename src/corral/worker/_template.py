@@ -134,15 +134,7 @@ def _run_worker(request: dict[str, Any], calls: int, replies: int, control: int)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         _close_all_but({0, 1, 2, calls, replies, control})
-        argv = [
-            "--fds",
-            f"{calls},{replies},{control}",
-            "--worker-id",
-            str(request["worker_id"]),
-            "--max-message-size",
-            str(int(request["max_message_size"])),
-            str(request["target"]),
-        ]
+        argv = ["--fds", f"{calls},{replies},{control}", *map(str, request["args"])]
         sys.argv = ["-c", *argv]
         from .__main__ import main as worker_main
 
@@ -191,7 +183,8 @@ def _run_shepherd(request: dict[str, Any], fds: list[int], sock: socket.socket) 
         for fd in (calls, replies, control):
             os.close(fd)
         _report(status, f"started {os.getpid()} {worker_pid}")
-        wait_status = _shepherd.supervise(worker_pid, lifeline)
+        prefix = str(request.get("unlink_prefix") or "")
+        wait_status = _shepherd.supervise(worker_pid, lifeline, [prefix] if prefix else [])
         code = -signal.SIGKILL if wait_status is None else os.waitstatus_to_exitcode(wait_status)
         _report(status, f"exit {code}")
     except BaseException:  # noqa: BLE001 - shown on the worker's stderr; the pool sees EOF
@@ -212,7 +205,11 @@ def _fork_worker(data: bytes, fds: list[int], sock: socket.socket) -> int | None
     status = fds[5]
     try:
         request = json.loads(data)
-        if not isinstance(request, dict) or not {"worker_id", "target"} <= request.keys():
+        if (
+            not isinstance(request, dict)
+            or not {"worker_id", "target", "args"} <= request.keys()
+            or not isinstance(request["args"], list)
+        ):
             raise ValueError(f"not a worker request: {data[:200]!r}")
     except ValueError as exc:
         _report(status, f"error bad request: {exc}")

@@ -1,0 +1,434 @@
+"""Large buffers out of band: bytes over the threshold travel through /dev/shm.
+
+Round trips must be exact at every size around the threshold, and no segment may
+outlive its message: not after a normal call, not after a worker crash (before or
+after it wrote its result, or in the middle of writing it), not after the pool's
+own process is SIGKILLed, not after close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tests.workers.large import pattern
+
+import corral
+from corral import Pool
+from corral._errors import ProtocolError
+from corral._framing import FrameDecoder, FrameEncoder
+from corral._messages import ParentBound, Result
+from corral._shm import SHM_DIR, LargeBuffers, LostSegment, new_pool_prefix
+
+TARGET = "tests.workers.large:app"
+ROOT = Path(__file__).resolve().parent.parent
+THRESHOLD = 1024  # small, so that examples stay small
+
+
+def segments(prefix: str) -> list[str]:
+    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Block until ``condition()`` holds (checked every millisecond) or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+async def block_worker(
+    pool: Pool, fifo: Path, size: int = 10
+) -> tuple[asyncio.Future[Any], IO[bytes]]:
+    """Start a call that blocks its worker's loop; returns once the handler waits.
+
+    The handler waits for one byte on the FIFO: write it to ``writer`` to let it go.
+    """
+    os.mkfifo(fifo)
+    blocked = asyncio.ensure_future(pool.call("make_after_fifo", str(fifo), size))
+    writer = await asyncio.to_thread(open, fifo, "wb", buffering=0)  # once the handler opened it
+    return blocked, writer
+
+
+def ended(process: psutil.Process) -> bool:
+    """The process has exited (reaped or not)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def plain(value: Any) -> Any:
+    """What a value looks like on arrival: arrays as lists, every buffer as bytes."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+sizes = st.one_of(
+    st.integers(0, 16),
+    st.integers(THRESHOLD - 2, THRESHOLD + 2),
+    st.integers(THRESHOLD + 3, 6 * THRESHOLD),
+)
+buffers = st.builds(
+    lambda n, kind, fill: kind(bytes([fill]) * n),
+    sizes,
+    st.sampled_from([bytes, bytearray, memoryview]),
+    st.integers(0, 255),
+)
+values = st.recursive(
+    buffers | st.integers(-(2**63), 2**63) | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def test_values_round_trip_exactly_at_every_size_around_the_threshold() -> None:
+    with asyncio.Runner() as runner:
+        pool = Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD)
+        runner.run(pool.start())
+        try:
+
+            @settings(
+                max_examples=60,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            )
+            @given(
+                args=st.lists(values, max_size=3),
+                kwargs=st.dictionaries(st.sampled_from(["a", "b", "c"]), values, max_size=2),
+            )
+            def round_trip(args: list[Any], kwargs: dict[str, Any]) -> None:
+                result = runner.run(pool.call("echo_all", *args, **kwargs))
+                assert result == [plain(args), plain(kwargs)]
+                assert segments(pool._shm_prefix) == []
+
+            round_trip()
+        finally:
+            runner.run(pool.aclose())
+
+
+@pytest.mark.parametrize("size", [THRESHOLD, THRESHOLD + 1, 3 * 2**20])
+async def test_large_results_and_nested_results_arrive_whole(size: int) -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+        assert await pool.call("make", size) == pattern(size)
+        assert await pool.call("make", size, nested=True) == {"outer": [1, ["x", pattern(size)]]}
+        assert segments(pool._shm_prefix) == []
+
+
+async def test_stream_chunks_over_the_threshold_arrive_whole() -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+        items = [item async for item in pool.stream("chunks", 5, THRESHOLD - 2)]
+        assert items == [pattern(THRESHOLD - 2 + i) for i in range(5)]
+        assert segments(pool._shm_prefix) == []
+
+
+async def test_a_queued_large_argument_waits_in_shared_memory_not_in_the_pipe(
+    tmp_path: Path,
+) -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+        worker = pool.workers[0]
+        blocked, writer = await block_worker(pool, tmp_path / "go")
+        queued = asyncio.ensure_future(pool.call("echo", pattern(THRESHOLD * 8)))
+        assert await pool._wait_until(lambda: worker.inflight == 2, 5)
+        assert [n[len(worker.spec.shm_prefix) :] for n in segments(worker.spec.shm_prefix)] == [
+            "p1"
+        ]
+        with writer:
+            writer.write(b"g")
+        assert await blocked == pattern(10)
+        assert await queued == pattern(THRESHOLD * 8)
+        assert segments(pool._shm_prefix) == []
+
+
+@pytest.mark.parametrize("threshold", [None, 0])
+async def test_a_disabled_threshold_keeps_every_buffer_on_the_pipes(
+    tmp_path: Path, threshold: int | None
+) -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=threshold) as pool:
+        worker = pool.workers[0]
+        blocked, writer = await block_worker(pool, tmp_path / "go", 4 * 2**20)
+        queued = asyncio.ensure_future(pool.call("echo", pattern(4 * 2**20)))
+        assert await pool._wait_until(lambda: worker.inflight == 2, 5)
+        assert segments(pool._shm_prefix) == []
+        assert "--shm-prefix" not in worker.spec.command(3, 4, 5)
+        with writer:
+            writer.write(b"g")
+        assert await blocked == pattern(4 * 2**20)
+        assert await queued == pattern(4 * 2**20)
+
+
+async def test_a_worker_killed_before_reading_a_large_argument_leaves_no_segment(
+    tmp_path: Path,
+) -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+        worker = pool.workers[0]
+        blocked, writer = await block_worker(pool, tmp_path / "never")
+        queued = asyncio.ensure_future(pool.call("echo", pattern(THRESHOLD * 8)))
+        assert await pool._wait_until(lambda: worker.inflight == 2, 5)
+        assert segments(worker.spec.shm_prefix) != []
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        for call in (blocked, queued):
+            with pytest.raises(corral.WorkerCrashed):
+                await call
+        writer.close()
+        # The pool has noticed (the callers were told): nothing is left.
+        assert segments(worker.spec.shm_prefix) == []
+        await pool.wait_ready(timeout=30)
+        assert await pool.call("echo", pattern(THRESHOLD * 2)) == pattern(THRESHOLD * 2)
+    assert segments(pool._shm_prefix) == []
+
+
+async def test_a_worker_killed_after_writing_its_result_leaves_no_segment(
+    tmp_path: Path,
+) -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+        worker = pool.workers[0]
+        prefix = worker.spec.shm_prefix
+        assert worker.pid is not None and worker._launched is not None
+        shepherd = psutil.Process(worker._launched.pid)
+        call, writer = await block_worker(pool, tmp_path / "go", THRESHOLD * 8)
+        # From here the pool's loop is blocked, so it reads nothing: the worker
+        # writes its result segment and frame, then dies before the pool reads them.
+        with writer:
+            writer.write(b"g")
+        assert wait_for(lambda: segments(prefix) == [prefix + "w1"])
+        os.kill(worker.pid, signal.SIGKILL)
+        # The shepherd unlinks what its worker left, then exits.
+        assert wait_for(lambda: ended(shepherd))
+        assert segments(prefix) == []
+        # The Result frame names a segment that is gone: the exit status decides.
+        with pytest.raises(corral.WorkerCrashed) as info:
+            await call
+        assert info.value.exit_code == -signal.SIGKILL
+        assert segments(prefix) == []
+
+
+async def test_a_worker_that_dies_while_writing_a_result_leaves_no_segment() -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+        prefix = pool.workers[0].spec.shm_prefix
+        with pytest.raises(corral.WorkerCrashed) as info:
+            await pool.call("die_while_writing", 4 * 2**20)
+        assert info.value.exit_code == -signal.SIGKILL
+        assert segments(prefix) == []
+
+
+async def test_the_pool_unlinks_what_a_worker_left_when_its_shepherd_is_gone_too(
+    tmp_path: Path,
+) -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+        worker = pool.workers[0]
+        assert worker._launched is not None
+        blocked, writer = await block_worker(pool, tmp_path / "never")
+        queued = asyncio.ensure_future(pool.call("echo", pattern(THRESHOLD * 8)))
+        assert await pool._wait_until(lambda: worker.inflight == 2, 5)
+        # SIGKILL the shepherd: it cleans nothing; the worker dies of its parent-death
+        # signal, and the pool alone must unlink the queued argument's segment.
+        os.kill(worker._launched.pid, signal.SIGKILL)
+        for call in (blocked, queued):
+            with pytest.raises(corral.WorkerCrashed):
+                await call
+        writer.close()
+        assert segments(worker.spec.shm_prefix) == []
+
+
+async def test_closing_the_pool_with_large_calls_in_flight_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    pool = Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD, drain_timeout=0.2)
+    await pool.start()
+    prefix = pool._shm_prefix
+    assert await pool.call("echo", pattern(THRESHOLD * 4)) == pattern(THRESHOLD * 4)
+    blocked, writer = await block_worker(pool, tmp_path / "never")
+    queued = asyncio.ensure_future(pool.call("echo", pattern(THRESHOLD * 8)))
+    assert await pool._wait_until(lambda: pool.workers[0].inflight == 2, 5)
+    assert segments(prefix) != []
+    await pool.aclose()
+    writer.close()
+    for call in (blocked, queued):
+        with pytest.raises(corral.PoolClosed):
+            await call
+    assert segments(prefix) == []
+
+
+async def test_a_large_argument_over_the_message_limit_is_refused_before_any_write() -> None:
+    async with Pool(
+        TARGET, size=1, large_buffer_threshold=THRESHOLD, max_message_size=64 * 1024
+    ) as pool:
+        with pytest.raises(corral.PayloadTooLarge):
+            await pool.call("echo", pattern(65 * 1024))
+        with pytest.raises(corral.PayloadTooLarge):
+            await pool.call("make", 65 * 1024)
+        assert segments(pool._shm_prefix) == []
+        assert await pool.call("echo", pattern(32 * 1024)) == pattern(32 * 1024)
+
+
+async def test_an_argument_that_cannot_be_encoded_leaves_no_segment() -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+        with pytest.raises(corral.EncodeError):
+            await pool.call("echo_all", pattern(THRESHOLD * 4), object())
+        with pytest.raises(corral.EncodeError):
+            await pool.call("echo_all", [pattern(THRESHOLD * 4), object()])
+        assert segments(pool._shm_prefix) == []
+        assert await pool.call("echo", pattern(THRESHOLD * 4)) == pattern(THRESHOLD * 4)
+
+
+# --- the parent's process dies --------------------------------------------------------
+
+PARENT = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    from corral import Pool
+    from tests.workers.large import pattern
+
+    async def main():
+        fifo = sys.argv[1]
+        async with Pool("tests.workers.large:app", size=1, large_buffer_threshold=1024) as pool:
+            worker = pool.workers[0]
+            blocked = asyncio.ensure_future(pool.call("make_after_fifo", fifo, 8192))
+            held = await asyncio.to_thread(open, fifo, "wb", buffering=0)  # the handler waits
+            queued = asyncio.ensure_future(pool.call("echo", pattern(16384)))
+            assert await pool._wait_until(lambda: worker.inflight == 2, 10)
+            report = {
+                "prefix": worker.spec.shm_prefix,
+                "pids": [worker.pid, worker._launched.pid],
+            }
+            sys.stdout.write(json.dumps(report) + "\\n")
+            sys.stdout.flush()
+            await asyncio.sleep(600)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_parent_sigkill_mid_call_leaves_no_segment(tmp_path: Path) -> None:
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(fifo)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        for line in parent.stdout:  # structlog's own lines come first
+            if line.startswith('{"prefix"'):
+                break
+        else:
+            raise AssertionError("the parent did not start its pool")
+        report = json.loads(line)
+        prefix = report["prefix"]
+        assert segments(prefix) == [prefix + "p1"]  # the queued argument
+        # Stop the parent so it reads nothing more, then let the worker answer:
+        # its results wait in segments that only the shepherd can now clean.
+        os.kill(parent.pid, signal.SIGSTOP)
+        with open(fifo, "wb", buffering=0) as writer:
+            writer.write(b"g")
+        assert wait_for(lambda: prefix + "w1" in segments(prefix))
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        procs = []
+        for pid in report["pids"]:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert segments(prefix) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if parent.stdout:
+            parent.stdout.close()
+
+
+# --- references, decoded by hand ---------------------------------------------------------
+
+
+def _reference(name: str, size: int) -> msgspec.msgpack.Ext:
+    return msgspec.msgpack.Ext(1, size.to_bytes(8, "big") + name.encode())
+
+
+def _decode_result(large: LargeBuffers | None, value: Any) -> list[Any]:
+    frame = FrameEncoder().encode(Result(1, value))
+    decoder: FrameDecoder[Any] = FrameDecoder(ParentBound, large_buffers=large)  # type: ignore[arg-type]
+    return decoder.feed(frame)
+
+
+def test_a_reference_outside_the_workers_prefix_is_a_protocol_error() -> None:
+    ours = LargeBuffers(new_pool_prefix() + "1-", THRESHOLD, "p")
+    other = new_pool_prefix() + "1-w1"
+    path = os.path.join(SHM_DIR, other)
+    Path(path).write_bytes(b"x" * 10)
+    try:
+        with pytest.raises(ProtocolError, match="outside this worker"):
+            _decode_result(ours, _reference(other, 10))
+        assert os.path.exists(path)  # never opened, never unlinked
+    finally:
+        os.unlink(path)
+
+
+def test_a_reference_whose_size_does_not_match_is_a_protocol_error() -> None:
+    large = LargeBuffers(new_pool_prefix() + "1-", THRESHOLD, "p")
+    name = large.prefix + "w1"
+    Path(SHM_DIR, name).write_bytes(b"x" * 10)
+    with pytest.raises(ProtocolError, match="holds 10 bytes"):
+        _decode_result(large, _reference(name, 11))
+    assert segments(large.prefix) == []  # unlinked all the same
+
+
+def test_a_missing_segment_is_a_lost_segment() -> None:
+    large = LargeBuffers(new_pool_prefix() + "1-", THRESHOLD, "p")
+    with pytest.raises(LostSegment):
+        _decode_result(large, _reference(large.prefix + "w7", 10))
+
+
+def test_a_reference_over_the_message_limit_is_refused() -> None:
+    large = LargeBuffers(new_pool_prefix() + "1-", THRESHOLD, "w")
+    sender = LargeBuffers(large.prefix, THRESHOLD, "p")
+    frame = FrameEncoder(1 << 20, sender).encode(Result(1, pattern(4096)))
+    decoder: FrameDecoder[Any] = FrameDecoder(ParentBound, 2048, large)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="over what is left"):
+        decoder.feed(frame)
+    assert segments(large.prefix) == []
+
+
+def test_without_the_large_buffer_path_a_reference_is_an_unknown_extension() -> None:
+    with pytest.raises(ProtocolError, match="unknown MessagePack extension type 1"):
+        _decode_result(None, _reference(new_pool_prefix() + "1-w1", 10))
+
+
+def test_large_buffer_threshold_is_validated() -> None:
+    with pytest.raises(ValueError, match="large_buffer_threshold"):
+        corral.PoolConfig(large_buffer_threshold=-1)
+    assert corral.PoolConfig(large_buffer_threshold=None).large_buffer_threshold is None
