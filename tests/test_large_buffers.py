@@ -140,6 +140,14 @@ async def test_large_results_and_nested_results_arrive_whole(size: int) -> None:
         assert segments(pool._shm_prefix) == []
 
 
+async def test_a_forked_worker_passes_large_buffers_both_ways() -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD, preload=["json"]) as pool:
+        prefix = pool.workers[0].spec.shm_prefix
+        data = pattern(THRESHOLD * 16)
+        assert await pool.call("echo", data) == data
+        assert segments(prefix) == []
+
+
 async def test_stream_chunks_over_the_threshold_arrive_whole() -> None:
     async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
         items = [item async for item in pool.stream("chunks", 5, THRESHOLD - 2)]
@@ -204,10 +212,14 @@ async def test_a_worker_killed_before_reading_a_large_argument_leaves_no_segment
     assert segments(pool._shm_prefix) == []
 
 
+@pytest.mark.parametrize("preload", [(), ("json",)], ids=["spawned", "forked"])
 async def test_a_worker_killed_after_writing_its_result_leaves_no_segment(
-    tmp_path: Path,
+    tmp_path: Path, preload: tuple[str, ...]
 ) -> None:
-    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+    # A forked worker (preload) has a forked shepherd: it must unlink the same way.
+    async with Pool(
+        TARGET, size=1, large_buffer_threshold=THRESHOLD, preload=list(preload)
+    ) as pool:
         worker = pool.workers[0]
         prefix = worker.spec.shm_prefix
         assert worker.pid is not None and worker._launched is not None
