@@ -122,6 +122,7 @@ def corral_ray_system() -> contextlib.AbstractAsyncContextManager[Call]:
     return _corral_placed(RayLauncher(host="127.0.0.1", num_cpus=1))
 
 
+@contextlib.asynccontextmanager
 async def corral_pipes_system() -> AsyncIterator[Call]:
     """corral with the large-buffer path off: every byte goes through the pipes."""
     import corral

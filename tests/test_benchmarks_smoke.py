@@ -85,3 +85,15 @@ def test_threshold_sweep_prints_pipes_against_shared_memory() -> None:
     assert "/dev/shm (MiB/s)" in run.stdout
     for size in ("16 KiB", "1024 KiB", "4096 KiB"):
         assert size in run.stdout
+
+
+def test_every_system_is_an_async_context_manager() -> None:
+    # --quick runs only some systems: a factory the smoke run skips must still
+    # give what measure() enters (creating it starts nothing).
+    from benchmarks.run import SYSTEMS, _available
+
+    for name, factory in SYSTEMS.items():
+        if not _available(name):
+            continue
+        system = factory()
+        assert hasattr(system, "__aenter__") and hasattr(system, "__aexit__"), name
