@@ -131,8 +131,9 @@ async def test_a_killed_template_fails_no_call_and_the_pool_recovers(import_log)
     async with _pool(import_log, size=2) as pool:
         template = await pool.call("imported_by")
         slow = asyncio.ensure_future(pool.call("sleep", 0.5))
+        process = psutil.Process(template)  # before the kill: once reaped, the pid is gone
         os.kill(template, signal.SIGKILL)
-        assert psutil.wait_procs([psutil.Process(template)], timeout=5)[1] == []
+        assert psutil.wait_procs([process], timeout=5)[1] == []
         assert await slow == 0.5  # a call in flight on a forked worker is untouched
         with pytest.raises(corral.WorkerCrashed):
             await pool.call("exit_now", 1)
@@ -145,8 +146,9 @@ async def test_a_killed_template_fails_no_call_and_the_pool_recovers(import_log)
 async def test_a_template_started_again_serves_later_replacements(import_log) -> None:
     async with _pool(import_log, size=1) as pool:
         first = await pool.call("imported_by")
+        process = psutil.Process(first)  # before the kill: once reaped, the pid is gone
         os.kill(first, signal.SIGKILL)
-        psutil.wait_procs([psutil.Process(first)], timeout=5)
+        assert psutil.wait_procs([process], timeout=5)[1] == []
         # The first replacement after the template died is spawned plainly while
         # a new template starts; once it is up, replacements are forked from it.
         with pytest.raises(corral.WorkerCrashed):

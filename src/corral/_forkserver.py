@@ -36,6 +36,7 @@ import structlog
 from ._errors import WorkerStartError, describe_exit
 from ._framing import FrameDecoder, FrameEncoder
 from ._messages import ParentBound
+from ._shepherd_control import ShepherdControl
 from ._transport import FrameConnection, open_pipe_connection
 
 if TYPE_CHECKING:
@@ -324,7 +325,7 @@ class _StderrReader(asyncio.Protocol):
         self._worker.stderr_data(None)
 
 
-class ForkedWorker:
+class ForkedWorker(ShepherdControl):
     """A worker forked from a template, seen from the pool: a ``LaunchedWorker``.
 
     ``pid`` is its shepherd's (forked from the template, like the one a spawned
@@ -445,24 +446,6 @@ class ForkedWorker:
                 signal.pidfd_send_signal(self._pidfd, sig)
             else:
                 os.kill(self._pid, sig)
-
-    def terminate(self) -> None:
-        """Ask politely: the shepherd forwards SIGTERM to the worker's group."""
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """SIGKILL the worker's whole group (by its shepherd)."""
-        self._signal(signal.SIGUSR1)
-        self._close_lifeline()  # the shepherd kills the group on lifeline EOF too
-
-    def force_kill(self) -> None:
-        """Last resort, when the shepherd itself does not end: SIGKILL it."""
-        self._signal(signal.SIGKILL)
-
-    def _close_lifeline(self) -> None:
-        if self._lifeline >= 0:
-            os.close(self._lifeline)
-            self._lifeline = -1
 
     def discard(self) -> None:
         """Release the lifeline and the status and stderr pipes (the shepherd kills its worker)."""

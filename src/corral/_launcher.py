@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from . import _forkserver
 from ._errors import ProtocolError, WorkerStartError
 from ._framing import FrameDecoder, FrameEncoder
 from ._messages import ParentBound
+from ._shepherd_control import ShepherdControl
 from ._shm import LargeBuffers
 from ._transport import FrameConnection, open_pipe_connection
 
@@ -204,7 +204,7 @@ class _ShepherdProtocol(asyncio.SubprocessProtocol):
         self.events.process_exited(code if code is not None else -1)
 
 
-class _LocalWorker:
+class _LocalWorker(ShepherdControl):
     def __init__(
         self,
         transport: asyncio.SubprocessTransport,
@@ -227,22 +227,6 @@ class _LocalWorker:
         if self._transport.get_returncode() is None and not self._transport.is_closing():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, sig)
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGUSR1)
-        self._close_lifeline()  # the shepherd kills the group on lifeline EOF too
-
-    def force_kill(self) -> None:
-        """Last resort, when the shepherd itself does not end: SIGKILL it."""
-        self._signal(signal.SIGKILL)
-
-    def _close_lifeline(self) -> None:
-        if self._lifeline >= 0:
-            os.close(self._lifeline)
-            self._lifeline = -1
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop our copies of the pool's descriptors, touch nothing else.
@@ -275,6 +259,13 @@ class _LocalWorker:
         # the worker's group, so even a leaked pool leaves no process running.
         if self._lifeline >= 0:
             self._close_lifeline()
+
+
+def shepherd_command(
+    lifeline_fd: int, command: Sequence[str], options: Sequence[str] = ()
+) -> list[str]:
+    """The argv that runs ``command`` under a shepherd (``python -I -S _shepherd.py``)."""
+    return [sys.executable, "-I", "-S", SHEPHERD, str(lifeline_fd), *options, "--", *command]
 
 
 async def spawn_under_shepherd(

@@ -37,7 +37,7 @@ import msgspec
 
 from ._framing import FrameDecoder, FrameEncoder
 from ._handshake import HandshakeError, Role, client_handshake
-from ._launcher import SHEPHERD, WorkerSpec
+from ._launcher import WorkerSpec, shepherd_command
 
 __all__ = [
     "ShimExited",
@@ -192,15 +192,7 @@ def _start_worker(
     child_fds = (read_fd, write_fd, control_fd, lifeline_r)
     try:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-I",
-                "-S",
-                SHEPHERD,
-                str(lifeline_r),
-                "--",
-                *spec.command(read_fd, write_fd, control_fd),
-            ],
+            shepherd_command(lifeline_r, spec.command(read_fd, write_fd, control_fd)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
