@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -133,3 +134,15 @@ async def test_closing_a_sync_stream_that_is_out_of_credit_keeps_the_worker() ->
         await pool.wait_idle(timeout=5)
         assert await pool.call("pid") == pid
         assert pool.stats().restarts == 0
+
+
+async def test_a_reply_read_after_the_deadline_is_a_timeout_whatever_runs_first() -> None:
+    # The reply is produced at once, but this loop is blocked past the deadline:
+    # when it runs again the reply is read before the deadline timer's callback.
+    async with Pool(TARGET, size=1) as pool:
+        call = asyncio.ensure_future(pool.call("echo", 1, timeout=0.1))
+        await asyncio.sleep(0)  # the call is sent
+        time.sleep(0.3)  # noqa: ASYNC251 - blocking this loop is the point
+        with pytest.raises(corral.CallTimeout):
+            await call
+        assert await pool.call("echo", 2, timeout=5) == 2  # the worker is fine

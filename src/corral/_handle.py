@@ -558,7 +558,18 @@ class WorkerHandle:
                 return
             if isinstance(message, Result):
                 if not pending.cancelling:
-                    pending.finish(message.value)
+                    timer = pending.deadline_timer
+                    if timer is not None and self._loop.time() >= timer.when():
+                        # Read once the deadline had passed, before its timer ran: a
+                        # timeout, whichever of the loop's callbacks happens to run first.
+                        pending.finish(
+                            CallTimeout(
+                                f"call {pending.method!r} ran past its deadline",
+                                **self._error_context(pending),
+                            )
+                        )
+                    else:
+                        pending.finish(message.value)
                     self._settle(pending)
             elif isinstance(message, Chunk):
                 if not pending.cancelling:

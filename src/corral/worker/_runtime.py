@@ -371,14 +371,24 @@ class WorkerRuntime:
             if not running.cancel_requested:
                 running.error_type = self._send_error(call.id, ErrorKind.REMOTE, exc)
         else:
-            deadline = running.ctx.deadline
-            if deadline is not None and time.monotonic() >= deadline:
-                running.outcome = "timeout"
-                self._send_late(call.id)  # too late to count: the caller has timed out
-            else:
-                self._send_result(running, value)
+            self._send_return(running, value)
         finally:
             self._finish(running)
+
+    def _send_return(self, running: _Running, value: Any) -> None:
+        """A handler's return value, or a timeout if its deadline has passed.
+
+        Checked here, not only by the deadline timer: a handler may return after
+        its deadline but before the loop has run that timer.
+        """
+        deadline = running.ctx.deadline
+        if running.stop_reason == "deadline" or (
+            deadline is not None and time.monotonic() >= deadline
+        ):
+            running.outcome = "timeout"
+            self._send_late(running.call.id)  # too late to count: the caller has timed out
+        else:
+            self._send_result(running, value)
 
     def _send_late(self, call_id: int) -> None:
         self._send(
@@ -392,15 +402,12 @@ class WorkerRuntime:
         try:
             if kind is HandlerKind.ASYNC:
                 value = await handler.fn(*call.args, **kwargs)
-                self._send_result(running, value)
+                self._send_return(running, value)
             elif kind is HandlerKind.SYNC:
                 value = await self._on_lane(
                     running, functools.partial(handler.fn, *call.args, **kwargs)
                 )
-                if running.stop_reason == "deadline":
-                    self._send_late(call.id)
-                else:
-                    self._send_result(running, value)
+                self._send_return(running, value)
             elif kind is HandlerKind.ASYNC_GEN:
                 agen = handler.fn(*call.args, **kwargs)
                 try:
