@@ -425,6 +425,21 @@ def test_a_missing_segment_is_a_lost_segment() -> None:
         _decode_result(large, _reference(large.prefix + "w7", 10))
 
 
+def test_frames_before_a_lost_segment_are_delivered_and_the_loss_reported_after() -> None:
+    # A worker that sent a small result, then a large one, then died: the first
+    # result arrived whole and must reach its caller.
+    large = LargeBuffers(new_pool_prefix() + "1-", THRESHOLD, "p")
+    encoder = FrameEncoder()
+    frames = encoder.encode(Result(1, "whole")) + encoder.encode(
+        Result(2, _reference(large.prefix + "w7", 10))
+    )
+    decoder: FrameDecoder[Any] = FrameDecoder(ParentBound, large_buffers=large)  # type: ignore[arg-type]
+    assert decoder.feed(frames) == [Result(1, "whole")]
+    assert isinstance(decoder.failed, LostSegment)
+    with pytest.raises(LostSegment):
+        decoder.feed(b"")
+
+
 def test_a_reference_over_the_message_limit_is_refused() -> None:
     large = LargeBuffers(new_pool_prefix() + "1-", THRESHOLD, "w")
     sender = LargeBuffers(large.prefix, THRESHOLD, "p")

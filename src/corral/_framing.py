@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import msgspec
 
 from ._errors import EncodeError, PayloadTooLarge, ProtocolError
+from ._shm import LostSegment
 
 if TYPE_CHECKING:
     from ._shm import LargeBuffers, Offloaded
@@ -176,6 +177,11 @@ class FrameDecoder(Generic[T]):
         return value
 
     @property
+    def failed(self) -> ProtocolError | None:
+        """The error that ended this stream, once one has (later feeds raise it)."""
+        return self._failed
+
+    @property
     def buffered(self) -> int:
         """Bytes received that do not yet make a whole frame."""
         return len(self._buffer)
@@ -213,6 +219,10 @@ class FrameDecoder(Generic[T]):
         except ProtocolError as exc:
             self._failed = exc
             buffer.clear()
+            if messages and isinstance(exc, LostSegment):
+                # The frames before it arrived whole (their segments are already read):
+                # deliver them; ``failed`` and the next feed report the loss.
+                return messages
             raise
         if offset:
             del buffer[:offset]

@@ -285,16 +285,7 @@ async def spawn_under_shepherd(
     """
     loop = asyncio.get_running_loop()
     lifeline_r, lifeline_w = os.pipe()
-    full = [
-        sys.executable,
-        "-I",
-        "-S",
-        SHEPHERD,
-        str(lifeline_r),
-        *shepherd_options,
-        "--",
-        *command,
-    ]
+    full = shepherd_command(lifeline_r, command, shepherd_options)
     try:
         try:
             transport, _ = await loop.subprocess_exec(  # uvloop's is duck-typed

@@ -880,7 +880,8 @@ class Pool:
             preload=cast("tuple[str, ...]", self.config.preload),
             startup_timeout=self.config.startup_timeout,
             large_buffer_threshold=self.config.large_buffer_threshold or 0,
-            shm_prefix=f"{self._shm_prefix}{number}-",
+            # No prefix when the path is off: nothing to unlink when the worker ends.
+            shm_prefix=f"{self._shm_prefix}{number}-" if self.config.large_buffer_threshold else "",
         )
         worker = WorkerHandle(
             spec,

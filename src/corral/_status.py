@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import describe_exit
-from ._handle import rss_of
 from ._stats import PoolStats
 
 if TYPE_CHECKING:
@@ -203,7 +202,7 @@ def _worker_info(worker: WorkerHandle, now: float, wall: float, rss: bool) -> Wo
         inflight=worker.inflight,
         sessions=len(worker.sessions),
         leased=worker.leased,
-        rss=rss_of(worker.pid) if rss and worker.pid is not None else None,
+        rss=worker.sample_rss() if rss else None,  # None for a worker on another host
         note=worker.kill_reason or worker.recycle_reason or worker.recycle_pending,
     )
 

@@ -84,6 +84,10 @@ class _ReadProtocol(asyncio.Protocol, Generic[T]):
         for message in messages:
             received(message)
         listener.frames_done()
+        failed = self._decoder.failed  # after frames that arrived whole (a lost segment)
+        if failed is not None:
+            self._broken = True
+            listener.connection_broken(failed)
 
     def eof_received(self) -> bool | None:
         return None
