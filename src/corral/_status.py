@@ -19,7 +19,7 @@ from ._errors import describe_exit
 from ._stats import PoolStats
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from ._handle import WorkerHandle
 
@@ -190,7 +190,9 @@ class PoolStatus:
         }
 
 
-def _worker_info(worker: WorkerHandle, now: float, wall: float, rss: bool) -> WorkerInfo:
+def _worker_info(
+    worker: WorkerHandle, now: float, wall: float, rss: bool, recycle_pending: str | None
+) -> WorkerInfo:
     uptime = max(0.0, now - worker.started_at)
     return WorkerInfo(
         id=worker.id,
@@ -203,7 +205,7 @@ def _worker_info(worker: WorkerHandle, now: float, wall: float, rss: bool) -> Wo
         sessions=len(worker.sessions),
         leased=worker.leased,
         rss=worker.sample_rss() if rss else None,  # None for a worker on another host
-        note=worker.kill_reason or worker.recycle_reason or worker.recycle_pending,
+        note=worker.kill_reason or worker.recycle_reason or recycle_pending,
     )
 
 
@@ -217,15 +219,19 @@ def build_status(
     evictions: EvictionLog,
     stats: PoolStats,
     rss: bool,
+    recycle_pending: Callable[[WorkerHandle], str | None] = lambda _worker: None,
 ) -> PoolStatus:
-    """Assemble a ``PoolStatus`` from the pool's parts (called by ``Pool.status``)."""
+    """Assemble a ``PoolStatus`` from the pool's parts (called by ``Pool.status``).
+
+    ``recycle_pending`` tells why a worker waits to be recycled (the supervisor's).
+    """
     now, wall = time.monotonic(), time.time()
     return PoolStatus(
         name=name,
         target=target,
         state=state,
         taken_at=wall,
-        workers=tuple(_worker_info(w, now, wall, rss) for w in workers),
+        workers=tuple(_worker_info(w, now, wall, rss, recycle_pending(w)) for w in workers),
         queue=queue,
         evictions=evictions.recent(),
         stats=stats,

@@ -16,7 +16,7 @@ actor killed and a ``WorkerStartError`` naming what was asked for; an actor
 that dies is a backstop for noticing a lost worker. Must not touch: the calls
 (they go over corral's own sockets, straight from the pool to the worker, never
 through Ray's RPC), supervision (corral restarts workers: every actor has
-``max_restarts=0``), or the shim's work (``_shim``). See docs/scale-out.md.
+``max_restarts=0``), or the shim's work (``_launch._shim``). See docs/scale-out.md.
 
 Needs the optional extra: ``pip install 'corral[ray]'``, and corral (with the
 worker's code) importable on every node that may host a worker.
@@ -34,9 +34,9 @@ import msgspec
 import structlog
 
 from ._errors import WorkerStartError
-from ._launcher import WorkerSpec
-from ._shim import ShimOrder
-from ._socket_launcher import Listener, Placement, ShimLauncher
+from ._launch import WorkerSpec
+from ._launch._shim import ShimOrder
+from ._launch._socket_launcher import Listener, Placement, ShimLauncher
 
 __all__ = ["RayLauncher"]
 
@@ -66,7 +66,7 @@ class _ShimActor:
 
     def run(self, order: bytes, key: bytes) -> int:
         """Connect back to the pool, start the worker, supervise it; its exit status."""
-        from corral._shim import run_shim
+        from corral._launch._shim import run_shim
 
         return run_shim(msgspec.msgpack.decode(order, type=ShimOrder), key)
 

@@ -32,11 +32,12 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
-from ._errors import ProtocolError, WorkerStartError
-from ._framing import FrameDecoder, FrameEncoder
+from .._errors import ProtocolError, WorkerStartError
+from .._framing import FrameDecoder, FrameEncoder
+from .._messages import ParentBound
+from .._transport import FrameWriter, _ReadProtocol
 from ._handshake import HandshakeError, Role, Ticket, TicketBook, server_handshake
-from ._launcher import WorkerEvents, WorkerSpec
-from ._messages import ParentBound
+from ._seam import NothingHeld, WorkerEvents
 from ._shim import (
     ShimExited,
     ShimFailed,
@@ -47,7 +48,7 @@ from ._shim import (
     ShimStderr,
     shim_input,
 )
-from ._transport import FrameWriter, _ReadProtocol
+from ._spec import WorkerSpec
 
 __all__ = [
     "Listener",
@@ -457,7 +458,7 @@ class RemoteWorker:
         self._on_close()
 
 
-class ShimLauncher:
+class ShimLauncher(NothingHeld):
     """Places a shim per worker (the subclass says where) and lets it connect back.
 
     The listener opens with the first launch and closes when no worker of
@@ -664,7 +665,7 @@ class SubprocessShimLauncher(ShimLauncher):
         # The pool's environment (sys.path included) is applied here, as the
         # local launcher does; the shim adds nothing to it.
         local_order = msgspec.structs.replace(order, env={}, env_allowlist=None)
-        command = [sys.executable, "-m", "corral._shim"]
+        command = [sys.executable, "-m", "corral._launch._shim"]
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,
