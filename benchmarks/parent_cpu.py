@@ -6,7 +6,15 @@ system alone), pinned to one CPU with its workers (``taskset -c 0`` around the
 whole run), and makes ``--calls`` sequential no-op calls on one worker. Then
 64 callers in flight over two workers measure throughput.
 
-    taskset -c 0 python -m benchmarks.parent_cpu [--calls 30000] [--profile DIR]
+    taskset -c 0 python -m benchmarks.parent_cpu [--calls 30000] [--rounds 3]
+        [--profile DIR] [--baseline SRC]
+
+The systems run in turns, ``--rounds`` times, and each figure is the best of
+its rounds (the least CPU, the most calls per second): a neighbour's load only
+ever adds to a process's CPU, so the least is the closest to its own cost, and
+taking turns lets the load hit every system alike. ``--baseline SRC``
+adds another corral (a source tree's ``src`` directory, e.g. an older commit
+unpacked with ``git archive``) as a third system, measured in the same turns.
 
 ``--profile DIR`` runs corral's sequential loop under cProfile instead, writes
 ``DIR/corral.prof`` and prints the top of it (the CPU figures of that run
@@ -105,6 +113,8 @@ def _child(system: str, n: int, profile: str | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parent_cpu")
     parser.add_argument("--calls", type=int, default=30_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--baseline", metavar="SRC", help="another corral's src directory")
     parser.add_argument("--profile", metavar="DIR", help="write DIR/corral.prof (cProfile)")
     parser.add_argument("--child", choices=("floor", "corral"), help=argparse.SUPPRESS)
     parser.add_argument("--profile-file", help=argparse.SUPPRESS)
@@ -112,15 +122,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         _child(args.child, args.calls, args.profile_file)
         return
-    results: dict[str, dict[str, float]] = {}
-    for system in ("floor", "corral"):
-        command = [sys.executable, "-m", "benchmarks.parent_cpu", "--child", system]
-        command += ["--calls", str(args.calls)]
-        if args.profile and system == "corral":
-            Path(args.profile).mkdir(parents=True, exist_ok=True)
-            command += ["--profile-file", str(Path(args.profile) / "corral.prof")]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[system] = json.loads(out.strip().splitlines()[-1])
+    systems = ["floor", "corral"] + (["baseline"] if args.baseline else [])
+    rounds: dict[str, list[dict[str, float]]] = {system: [] for system in systems}
+    for _ in range(args.rounds):
+        for system in systems:
+            command = [sys.executable, "-m", "benchmarks.parent_cpu", "--calls", str(args.calls)]
+            command += ["--child", "floor" if system == "floor" else "corral"]
+            env = dict(os.environ)
+            if system == "baseline":
+                env["PYTHONPATH"] = os.pathsep.join([args.baseline, os.getcwd()])
+            if args.profile and system == "corral":
+                Path(args.profile).mkdir(parents=True, exist_ok=True)
+                command += ["--profile-file", str(Path(args.profile) / "corral.prof")]
+            run = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+            rounds[system].append(json.loads(run.stdout.strip().splitlines()[-1]))
+    results = {
+        system: {
+            key: (max if key == "calls_per_s_64" else min)(r[key] for r in runs) for key in runs[0]
+        }
+        for system, runs in rounds.items()
+    }
     floor = results["floor"]
     heads = ("parent CPU/call", "worker CPU/call", "wall/call", "64 in flight")
     print(f"{'':8} {heads[0]:>16} {heads[1]:>16} {heads[2]:>10} {heads[3]:>14}")
@@ -129,13 +150,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{system:8} {r['parent_us']:13.1f} us {r['worker_us']:13.1f} us "
             f"{r['wall_us']:7.1f} us {r['calls_per_s_64']:9.0f} /s"
         )
-    corral_ = results["corral"]
-    print(
-        f"{'ratio':8} {corral_['parent_us'] / floor['parent_us']:14.2f}x "
-        f"{corral_['worker_us'] / floor['worker_us']:14.2f}x "
-        f"{corral_['wall_us'] / floor['wall_us']:8.2f}x "
-        f"{corral_['calls_per_s_64'] / floor['calls_per_s_64']:12.2f}x"
-    )
+    for system in systems[1:]:
+        r = results[system]
+        print(
+            f"{system + '/fl':8} {r['parent_us'] / floor['parent_us']:14.2f}x "
+            f"{r['worker_us'] / floor['worker_us']:14.2f}x "
+            f"{r['wall_us'] / floor['wall_us']:8.2f}x "
+            f"{r['calls_per_s_64'] / floor['calls_per_s_64']:12.2f}x"
+        )
 
 
 if __name__ == "__main__":

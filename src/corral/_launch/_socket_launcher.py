@@ -35,7 +35,7 @@ import structlog
 from .._errors import ProtocolError, WorkerStartError
 from .._framing import FrameDecoder, FrameEncoder
 from .._messages import ParentBound
-from .._transport import FrameWriter, _ReadProtocol
+from .._transport import FrameWriter, _ReadProtocol, tick_batch
 from ._handshake import HandshakeError, Role, Ticket, TicketBook, server_handshake
 from ._seam import NothingHeld, WorkerEvents
 from ._shim import (
@@ -301,7 +301,7 @@ class RemoteWorker:
             self._supervision = supervision
             opened.append(supervision)
             data, _ = await loop.connect_accepted_socket(
-                lambda: _ReadProtocol(decoder, self._events), owned[Role.DATA]
+                lambda: _ReadProtocol(decoder, self._events, tick_batch(loop)), owned[Role.DATA]
             )
             del owned[Role.DATA]
             opened.append(data)
