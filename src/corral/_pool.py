@@ -144,10 +144,16 @@ class Pool:
         self._loop = asyncio.get_running_loop()
         _started_pools.add(self)
         self._log.info("pool.starting", target=self.target, size=self.config.size)
+        # A task of the supervisor's, so that aclose() during start cancels it and
+        # awaits it like any other: no worker it was starting is left behind.
+        starting = self._supervisor.spawn_task(self._supervisor.start(), "first start")
         try:
-            await self._supervisor.start()
+            await starting
         except BaseException:
+            closed_meanwhile = starting.cancelled() and lifecycle.state is not PoolState.STARTING
             await self.aclose()
+            if closed_meanwhile:  # aclose() from elsewhere cut the start off
+                raise PoolClosed(f"pool {self.name} was closed while it started") from None
             raise
         lifecycle.finish_start()
         self._supervisor.run()
