@@ -41,6 +41,7 @@ class CallPath:
         "calls_failed",
         "calls_ok",
         "latency",
+        "loop",
         "sessions",
         "stream_window",
         "tracer",
@@ -58,6 +59,7 @@ class CallPath:
         self.stream_window = stream_window
         self._log = log
         self.tracer: CallTracer | None = None  # set by corral.otel.instrument()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the pool's, once started
         self.calls_ok = 0
         self.calls_failed: collections.Counter[str] = collections.Counter()
         self.calls_cancelled = 0
@@ -71,7 +73,8 @@ class CallPath:
                 return None
         elif timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout!r}")
-        return asyncio.get_running_loop().time() + timeout
+        loop = self.loop or asyncio.get_running_loop()  # kept: no getpid() per call
+        return loop.time() + timeout
 
     def span(self, method: str, session: str | None, stream: bool) -> CallSpan | None:
         tracer = self.tracer

@@ -184,7 +184,8 @@ class Dispatcher:
                 method=method,
                 session=session,
             )
-        loop = asyncio.get_running_loop()
+        loop = self._lifecycle.loop
+        assert loop is not None  # set when the pool started; check_open() passed
         waiter = _Waiter(loop.create_future(), session, exclusive, method)
         queues.add(waiter, self._sessions.get(session) if session is not None else None)
         self._callers_waiting()

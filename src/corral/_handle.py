@@ -165,10 +165,10 @@ class PendingCall:
                 if outcome is _END:
                     return _END
                 # a plain handler called through stream(): its one result
-                self.future = asyncio.get_running_loop().create_future()
+                self.future = self.future.get_loop().create_future()
                 self.future.set_result(_END)
                 return outcome
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.future.get_loop().create_future()
             try:
                 await self._waiter
             finally:

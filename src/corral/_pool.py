@@ -141,7 +141,7 @@ class Pool:
         lifecycle = self._lifecycle
         lifecycle.check_fork()
         lifecycle.begin_start()
-        self._loop = asyncio.get_running_loop()
+        self._loop = self._calls.loop = lifecycle.loop
         _started_pools.add(self)
         self._log.info("pool.starting", target=self.target, size=self.config.size)
         # A task of the supervisor's, so that aclose() during start cancels it and
@@ -265,7 +265,8 @@ class Pool:
                 except WorkerCrashed as exc:
                     if attempt >= retries or isinstance(exc, SessionLost):
                         raise
-                    if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                    loop = calls.loop
+                    if deadline is not None and loop is not None and loop.time() >= deadline:
                         raise
                     attempt += 1
                     self._log.info(

@@ -12,6 +12,7 @@ I/O; every other part of the pool reads the state from here, none keeps its own.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 
@@ -67,12 +68,15 @@ def fork_generation() -> int:
 class PoolLifecycle:
     """One pool's state, and whether this process is the one that made the pool."""
 
-    __slots__ = ("_generation", "name", "state")
+    __slots__ = ("_generation", "loop", "name", "state")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.state = PoolState.NEW
         self._generation = _generation
+        # The loop it was started on, kept: asyncio.get_running_loop() makes a
+        # getpid() system call on each use (Python 3.11), which a call must not.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def move(self, new: PoolState) -> None:
         if new is self.state:
@@ -87,6 +91,7 @@ class PoolLifecycle:
         """NEW -> STARTING; PoolClosed if the pool was started before."""
         if self.state is not PoolState.NEW:
             raise PoolClosed(f"pool {self.name} was already started")
+        self.loop = asyncio.get_running_loop()
         self.state = PoolState.STARTING
 
     def finish_start(self) -> None:

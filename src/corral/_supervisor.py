@@ -66,7 +66,7 @@ class Supervisor:
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._name = name
-        self._target = target  # the app, "package.module:app"
+        self._app_target = target  # "package.module:app"
         self._config = config
         self._launcher = launcher
         self._lifecycle = lifecycle
@@ -156,7 +156,7 @@ class Supervisor:
         number = next(self._worker_numbers)
         spec = WorkerSpec(
             worker_id=f"{self._name}-w{number}",
-            target=self._target,
+            target=self._app_target,
             python=cfg.python,
             env=cfg.env,
             env_allowlist=cast("tuple[str, ...] | None", cfg.env_allowlist),
@@ -446,7 +446,7 @@ class Supervisor:
                 # down (asyncio.run ending) and aclose() was never called. Kill
                 # every worker now, since nothing will run after this.
                 warnings.warn(
-                    f"pool {self._name} ({self._target!r}) was never closed; its workers were "
+                    f"pool {self._name} ({self._app_target!r}) was never closed; its workers were "
                     "killed as the event loop shut down. Use `async with Pool(...)` or "
                     "`await pool.aclose()`.",
                     ResourceWarning,
