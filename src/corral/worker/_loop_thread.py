@@ -13,10 +13,13 @@ asyncio.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
+import os
 import sys
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .._messages import End, ErrorKind
@@ -36,6 +39,15 @@ class LoopThread:
     def __init__(self, runtime: MainThreadRuntime) -> None:
         self._runtime = runtime
         self._flush_scheduled = False  # loop thread only
+        # Work handed over by other threads, in order, and the pipe that wakes the
+        # loop for it: one write and one read per wake-up, where the loop's own
+        # call_soon_threadsafe costs a send and two recvs.
+        self._inbox: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._closed = False
         ready = threading.Event()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
@@ -47,28 +59,37 @@ class LoopThread:
     def _main(self, ready: threading.Event) -> None:
         loop = self.loop
         asyncio.set_event_loop(loop)
+        loop.add_reader(self._wake_r, self._drain)
         loop.call_soon(ready.set)
         try:
             loop.run_forever()
         finally:
             try:
+                loop.remove_reader(self._wake_r)
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
+                for fd in (self._wake_r, self._wake_w):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     # --- from the main (or control) thread --------------------------------------
 
+    def _hand_over(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._closed:
+            return  # the loop is gone: nothing runs there any more
+        self._inbox.append((fn, args))
+        with contextlib.suppress(OSError):  # closed meanwhile
+            os.write(self._wake_w, b"w")
+
     def start_call(self, running: _Running, handler: Handler) -> None:
-        self.loop.call_soon_threadsafe(self._launch, running, handler)
+        self._hand_over(self._launch, running, handler)
 
     def add_credit(self, running: _Running, n: int) -> None:
-        self.loop.call_soon_threadsafe(self._credit, running, n)
+        self._hand_over(self._credit, running, n)
 
     def stop_call(self, running: _Running, reason: str) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self._stop, running, reason)
-        except RuntimeError:
-            return  # the loop is already closed: nothing runs there any more
+        self._hand_over(self._stop, running, reason)
 
     def run(self, awaitable: Awaitable[Any]) -> Any:
         """Run ``awaitable`` on the loop and wait for its outcome (a hook)."""
@@ -78,13 +99,20 @@ class LoopThread:
         return future.result()
 
     def close(self) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        except RuntimeError:
-            return  # already closed
+        self._hand_over(self.loop.stop)
+        self._closed = True
         self.thread.join(5.0)
 
     # --- on the loop thread ----------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Run what other threads handed over, in the order they did."""
+        with contextlib.suppress(OSError):
+            os.read(self._wake_r, 4096)
+        inbox = self._inbox
+        while inbox:
+            fn, args = inbox.popleft()
+            fn(*args)
 
     def flush_soon(self) -> None:
         """Write queued frames at the end of this tick (frames of calls that end
@@ -106,10 +134,17 @@ class LoopThread:
         context = running.span_context
         if _EAGER_TASKS:
             running.task = asyncio.Task(coro, loop=loop, eager_start=True, context=context)  # type: ignore[call-arg]
-        elif context is None:
-            running.task = loop.create_task(coro)
+            return
+        if context is None:
+            task = running.task = loop.create_task(coro)
         else:
-            running.task = loop.create_task(coro, context=context)
+            task = running.task = loop.create_task(coro, context=context)
+        # Python 3.11 has no eager tasks: run the first step now, as 3.12 would,
+        # rather than in the loop's next round (a handler that does not await
+        # then ends here). The step is the handle the task just scheduled.
+        ready = getattr(loop, "_ready", None)
+        if ready and getattr(ready[-1]._callback, "__self__", None) is task:
+            ready.pop()._run()
 
     async def _run(self, running: _Running, handler: Handler) -> None:
         runtime = self._runtime
