@@ -17,10 +17,22 @@ async def test_an_app_without_async_handlers_runs_sync_code_on_the_main_thread()
         assert [w async for w in pool.stream("words", 2)] == ["MainThread0", "MainThread1"]
 
 
-async def test_an_app_with_async_handlers_runs_sync_code_on_one_other_thread() -> None:
+async def test_an_app_with_async_handlers_runs_sync_code_on_the_main_thread_too() -> None:
     async with Pool("tests.workers.basic:app", size=1) as pool:
         names = {await pool.call("thread_name") for _ in range(5)}
-    assert len(names) == 1 and names != {"MainThread"}
+        async_names = {await pool.call("async_thread_name") for _ in range(3)}
+    assert names == {"MainThread"}
+    assert len(async_names) == 1 and async_names != {"MainThread"}  # the loop's own thread
+
+
+async def test_an_async_handler_keeps_running_while_a_sync_handler_blocks() -> None:
+    # The async call waits for a flag that only a later sync call sets, and the
+    # sync call then blocks until the async call has finished: both must run at once.
+    async with Pool("tests.workers.basic:app", size=1, max_concurrency=2) as pool:
+        items = pool.stream("async_wait_for_flag", 10.0)
+        assert await anext(items) == "started"
+        assert await pool.call("set_flag_and_wait_for_async", 10.0) is True
+        assert await anext(items) is True
 
 
 async def test_sync_mode_thread_can_be_chosen() -> None:

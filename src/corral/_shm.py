@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 import struct
 from typing import Any
 
 import msgspec
-import structlog
 
 from ._errors import EncodeError, PayloadTooLarge, ProtocolError
 from ._messages import Call, Chunk, Result
@@ -58,7 +56,13 @@ _MAX_NAME = 200
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
-_log = structlog.get_logger("corral")
+
+
+def _log() -> Any:
+    """corral's logger, made when first needed (structlog is not light to import)."""
+    import structlog
+
+    return structlog.get_logger("corral")
 
 
 class LostSegment(ProtocolError):
@@ -67,7 +71,8 @@ class LostSegment(ProtocolError):
 
 def new_pool_prefix() -> str:
     """A prefix no other pool uses: ``corral-<pid>-<random>-``."""
-    return f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+    # os.urandom, not the secrets module: that one loads OpenSSL (4 MiB in every worker)
+    return f"{SEGMENT_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-"
 
 
 def _check_prefix(prefix: str) -> None:
@@ -206,7 +211,9 @@ class LargeBuffers:
             self.discard(written)
             if not self._warned:
                 self._warned = True
-                _log.warning("large_buffers.unavailable", directory=self.directory, error=str(exc))
+                _log().warning(
+                    "large_buffers.unavailable", directory=self.directory, error=str(exc)
+                )
             return None
         return Offloaded(swapped, written, total)
 

@@ -152,15 +152,17 @@ class Handler:
         name: The name callers use.
         fn: The registered function.
         kind: How it runs: sync, async, or a (sync or async) generator.
+        streams: Whether it is a generator (its items travel as a stream).
         wants_context: Whether it declares a ``ctx`` parameter.
     """
 
-    __slots__ = ("fn", "kind", "name", "wants_context")
+    __slots__ = ("fn", "kind", "name", "streams", "wants_context")
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         self.name = name
         self.fn = fn
         self.kind = _kind_of(fn)
+        self.streams = self.kind.streams  # read on every call: kept as a plain attribute
         self.wants_context = _wants_context(fn)
 
     def __repr__(self) -> str:
