@@ -203,5 +203,5 @@ def test_history_records_each_transition_with_its_reason() -> None:
     ],
 )
 def test_bad_settings_are_refused(changes: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(changes))):
         BreakerConfig(**changes)  # type: ignore[arg-type]

@@ -42,5 +42,5 @@ def test_the_budget_refills_as_the_window_moves_on() -> None:
     [{"backoff": 0}, {"backoff_max": -1}, {"budget_ratio": 2}, {"budget_min": -1}],
 )
 def test_bad_retry_settings_are_refused(changes: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(changes))):
         RetryPolicy(**changes)  # type: ignore[arg-type]

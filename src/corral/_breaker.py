@@ -115,11 +115,11 @@ class CircuitBreaker:
     """
 
     __slots__ = (
-        "_bucket_width",
         "_calls",
         "_failures",
         "_index",
         "_min_calls",
+        "_per_second",
         "_probe_successes",
         "_probes_inflight",
         "_rate",
@@ -146,7 +146,7 @@ class CircuitBreaker:
         self.history: collections.deque[Transition] = collections.deque(maxlen=HISTORY_KEPT)
         self._rate = self.config.failure_rate
         self._min_calls = self.config.min_calls
-        self._bucket_width = self.config.window / _BUCKETS
+        self._per_second = _BUCKETS / self.config.window  # buckets per second
         self._calls = [0] * _BUCKETS
         self._failures = [0] * _BUCKETS
         self._index = 0  # the absolute number of the newest bucket
@@ -184,7 +184,7 @@ class CircuitBreaker:
             return
         if failed is None or self.state is not BreakerState.CLOSED:
             return  # a call admitted before the breaker opened tells nothing new
-        index = int(now / self._bucket_width)
+        index = int(now * self._per_second)
         if index != self._index:
             self._advance(index)
         slot = index % _BUCKETS
@@ -197,6 +197,15 @@ class CircuitBreaker:
                 if failures >= self._rate * calls:
                     self._open(now, f"{failures} of {calls} calls failed")
 
+    def succeeded(self, now: float) -> None:
+        """``record(now, False)`` for a call admitted while closed: the hot path's form."""
+        if self.state is not BreakerState.CLOSED:
+            return
+        index = int(now * self._per_second)
+        if index != self._index:
+            self._advance(index)
+        self._calls[index % _BUCKETS] += 1
+
     # --- reading ------------------------------------------------------------------------
 
     def retry_after(self, now: float) -> float:
@@ -207,7 +216,7 @@ class CircuitBreaker:
 
     def window_counts(self, now: float) -> tuple[int, int]:
         """``(calls, failures)`` counted in the window ending at ``now``."""
-        self._advance(int(now / self._bucket_width))
+        self._advance(int(now * self._per_second))
         return sum(self._calls), sum(self._failures)
 
     @property

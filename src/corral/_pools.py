@@ -44,7 +44,7 @@ from typing import Any, Protocol, Self
 
 import structlog
 
-from ._breaker import PROBE, REJECT, BreakerConfig, CircuitBreaker, Transition
+from ._breaker import PROBE, REJECT, BreakerConfig, BreakerState, CircuitBreaker, Transition
 from ._errors import (
     AllPoolsFailed,
     CallTimeout,
@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 _monotonic = time.monotonic
+_CLOSED = BreakerState.CLOSED
 _log = structlog.get_logger("corral")
 
 #: The pool refused the call before anything was sent: any call may go elsewhere.
@@ -364,7 +365,16 @@ class _Member:
 class _Route:
     """A workload, resolved: its members in order and its retry knobs."""
 
-    __slots__ = ("calls", "chain", "exhausted", "idempotent", "name", "policy", "retries")
+    __slots__ = (
+        "calls",
+        "chain",
+        "counts_budget",
+        "exhausted",
+        "idempotent",
+        "name",
+        "policy",
+        "retries",
+    )
 
     def __init__(self, name: str, workload: Workload, members: dict[str, _Member]) -> None:
         self.name = name
@@ -372,6 +382,9 @@ class _Route:
         self.idempotent = workload.idempotent
         self.retries = workload.retries
         self.policy = workload.retry
+        # Only calls that may retry feed the retry budgets (a cheaper hot path for
+        # the rest, and a stricter budget: retries are a fraction of those calls).
+        self.counts_budget = workload.retries > 0
         self.calls = 0
         self.exhausted = 0
 
@@ -456,12 +469,18 @@ class Pools:
         self._by_method: dict[str, _Route] = {}
         self._cacheable = all(rule.simple for rule in self.rules)
         self._pins: dict[str, _Member] = {}  # session -> the pool holding it
-        self._tracer: RouteTracer | None = None  # set by corral.otel.instrument()
+        self._tracer: RouteTracer | None = None  # set_tracer(), by corral.otel.instrument()
+        self._traced_or_per_method = self._per_method  # the fast path's one test
         self._sample_interval = sample_interval
         self._sampler: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "new"
         self._random = random.random
+
+    def set_tracer(self, tracer: RouteTracer | None) -> None:
+        """Open a span around every routed call from now on (None: stop). See corral.otel."""
+        self._tracer = tracer
+        self._traced_or_per_method = tracer is not None or self._per_method
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -596,11 +615,76 @@ class Pools:
         """
         if session is not None:
             return await self._session_call(method, args, kwargs, workload, session, timeout)
-        route = self._route(method, args, kwargs, workload)
-        value, _member, _attempts = await self._run(
-            route, method, args, kwargs, timeout, idempotent, retries
-        )
+        if workload is not None:
+            route = self._routes.get(workload)
+        else:
+            route = self._by_method.get(method) if self._cacheable else None
+        if route is None:
+            route = self._route(method, args, kwargs, workload)
+        member = route.chain[0]
+        breaker = member.breaker
+        if breaker.state is not _CLOSED or self._traced_or_per_method:
+            value, _member, _attempts = await self._run(
+                route, method, args, kwargs, timeout, idempotent, retries
+            )
+            return value
+        # The fast path: the first pool's breaker is closed, nothing to trace.
+        deadline = None
+        if timeout is not None:
+            if not timeout > 0:
+                raise ValueError(f"timeout must be > 0, got {timeout!r}")
+            deadline = asyncio.get_running_loop().time() + timeout
+        route.calls += 1
+        member.routed += 1
+        try:
+            value = await member.pool.call(method, *args, timeout=timeout, **kwargs)
+        except CorralError as exc:
+            if not self._failed_here(member, breaker, False, exc, route, idempotent):
+                raise
+            attempts = self._fell_back(None, member, exc, route, method)
+            value, _member, _attempts = await self._run(
+                route, method, args, kwargs, timeout, idempotent, retries,
+                deadline=deadline, attempts=attempts,
+            )  # fmt: skip
+            return value
+        except BaseException:
+            now = _monotonic()
+            if route.counts_budget:
+                member.budget.called(now)
+            breaker.record(now, None)
+            raise
+        now = _monotonic()
+        if route.counts_budget or retries:
+            member.budget.called(now)
+        breaker.succeeded(now)
+        member.served += 1
         return value
+
+    def _failed_here(
+        self,
+        member: _Member,
+        breaker: CircuitBreaker,
+        probe: bool,
+        exc: CorralError,
+        route: _Route,
+        idempotent: bool | None,
+        retry: bool = False,
+    ) -> bool:
+        """Count a call that ``member`` failed with ``exc``; may it go to the next pool?"""
+        now = _monotonic()
+        if not retry and route.counts_budget:
+            member.budget.called(now)
+        failed = self._is_failure(exc)
+        breaker.record(now, failed, probe)
+        if failed:
+            member.failed += 1
+        else:
+            member.served += 1
+        if isinstance(exc, REFUSALS):
+            return True
+        if idempotent is None:
+            idempotent = route.idempotent
+        return idempotent and isinstance(exc, NO_ANSWER) and not isinstance(exc, SessionLost)
 
     async def call_routed(
         self,
@@ -629,19 +713,29 @@ class Pools:
         timeout: float | None,
         idempotent: bool | None,
         retries: int | None,
+        *,
+        deadline: float | None = None,
+        attempts: list[tuple[str, CorralError]] | None = None,
     ) -> tuple[Any, _Member, list[tuple[str, CorralError]] | None]:
-        """Walk the chain (and retry rounds) until a pool serves the call."""
-        route.calls += 1
+        """Walk the chain (and retry rounds) until a pool serves the call.
+
+        With ``attempts`` (the fast path's first pool failed), the call was
+        counted and the first pool tried already: go on from the second.
+        """
         span = None if self._tracer is None else self._tracer.start(method, route.name)
         try:
-            if timeout is not None and not timeout > 0:
-                raise ValueError(f"timeout must be > 0, got {timeout!r}")
             loop_time = asyncio.get_running_loop().time
-            deadline = None if timeout is None else loop_time() + timeout
+            start = 0
+            if attempts is None:
+                route.calls += 1
+                if timeout is not None and not timeout > 0:
+                    raise ValueError(f"timeout must be > 0, got {timeout!r}")
+                deadline = None if timeout is None else loop_time() + timeout
+            else:
+                start = len(attempts)
             if idempotent is None:
                 idempotent = route.idempotent
             rounds = 1 + (route.retries if retries is None else retries)
-            attempts: list[tuple[str, CorralError]] | None = None
             for round_no in range(rounds):
                 if round_no:
                     delay = route.policy.backoff_for(round_no - 1, self._random())
@@ -652,7 +746,7 @@ class Pools:
                         delay=round(delay, 4),
                     )  # fmt: skip
                     await asyncio.sleep(delay)
-                for member in route.chain:
+                for member in route.chain[start if not round_no else 0 :]:
                     now = _monotonic()
                     if round_no:
                         if not member.budget.try_retry(now):
@@ -663,8 +757,6 @@ class Pools:
                             attempts = self._fell_back(attempts, member, error, route, method)
                             continue
                         member.retries += 1
-                    else:
-                        member.budget.called(now)
                     breaker = member.breaker_for(method) if self._per_method else member.breaker
                     admission = breaker.admit(now)
                     if admission == REJECT:
@@ -691,23 +783,20 @@ class Pools:
                     try:
                         value = await member.pool.call(method, *args, timeout=remaining, **kwargs)
                     except CorralError as exc:
-                        failed = self._is_failure(exc)
-                        breaker.record(_monotonic(), failed, admission == PROBE)
-                        if failed:
-                            member.failed += 1
-                        else:
-                            member.served += 1
-                        if isinstance(exc, REFUSALS) or (
-                            idempotent and isinstance(exc, NO_ANSWER)
-                            and not isinstance(exc, SessionLost)
-                        ):  # fmt: skip
+                        probe = admission == PROBE
+                        if self._failed_here(
+                            member, breaker, probe, exc, route, idempotent, bool(round_no)
+                        ):
                             attempts = self._fell_back(attempts, member, exc, route, method)
                             continue
                         raise
                     except BaseException:
                         breaker.record(_monotonic(), None, admission == PROBE)
                         raise
-                    breaker.record(_monotonic(), False, admission == PROBE)
+                    now = _monotonic()
+                    if not round_no and rounds > 1:
+                        member.budget.called(now)
+                    breaker.record(now, False, admission == PROBE)
                     member.served += 1
                     if span is not None:
                         self._annotate(span, member, attempts, round_no)
