@@ -180,7 +180,8 @@ class CircuitBreaker:
                 return
             self._probe_successes += 1
             if self._probe_successes >= self.config.probes:
-                self._move(now, BreakerState.CLOSED, f"{self._probe_successes} probes succeeded")
+                n = self._probe_successes
+                self._move(now, BreakerState.CLOSED, f"{n} probe{'s' if n > 1 else ''} succeeded")
             return
         if failed is None or self.state is not BreakerState.CLOSED:
             return  # a call admitted before the breaker opened tells nothing new
