@@ -14,8 +14,8 @@ this process only, the workers are other processes) for
 - ``front+rule``: ``pools.call("noop")``: the second of two method rules picks
   that workload.
 
-Blocks alternate inside each round, so drift on a shared machine hits every
-mode alike; the figure is the median over rounds of each mode's CPU per call
+Blocks alternate inside each round, and the order rotates from round to
+round, so drift on a shared machine hits every mode alike; the figure is the median over rounds of each mode's CPU per call
 minus ``direct``'s in the same round. CPU time, not wall time: waiting for the
 workers costs the parent nothing, and the front's cost is all parent CPU.
 
@@ -84,9 +84,11 @@ async def measure(calls: int, rounds: int, isolated: bool = False) -> dict[str, 
         }
         for call in modes.values():  # warm up every path
             await _block(call, max(100, calls // 10))
-        for _ in range(rounds):
-            for name, call in modes.items():
-                figures[name].append(await _block(call, calls))
+        names = list(modes)
+        for round_no in range(rounds):
+            shift = round_no % len(names)  # each mode takes each place in turn
+            for name in names[shift:] + names[:shift]:
+                figures[name].append(await _block(modes[name], calls))
         for name, member in pools._members.items():
             member.pool = real[name]
     return figures

@@ -170,11 +170,13 @@ async def test_per_method_breakers_keep_other_methods_flowing() -> None:
 
 
 async def test_a_session_stays_on_its_pool_whatever_the_rules_say() -> None:
-    async with two_pools(min_calls=2, cooldown=30) as pools:
+    async with two_pools(min_calls=2, failure_rate=0.3, cooldown=30) as pools:
         await pools.call("remember", "k", 1, session="s1", workload="only_b")
         # Later calls name another workload: the session does not move.
         assert await pools.call("recall", "k", session="s1", workload="only_a") == 1
         assert pools.session_pool("s1") == "b"
+        routed = await pools.call_routed("recall", "k", session="s1", workload="main")
+        assert (routed.value, routed.pool) == (1, "b")
         # Its pool's breaker open: the session call is refused, never moved.
         for _ in range(2):
             with pytest.raises(WorkerCrashed):

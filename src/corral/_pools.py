@@ -692,12 +692,17 @@ class Pools:
         /,
         *args: Any,
         workload: str | None = None,
+        session: str | None = None,
         timeout: float | None = None,
         idempotent: bool | None = None,
         retries: int | None = None,
         **kwargs: Any,
     ) -> Routed:
         """Like ``call()``, and say which pool served it and which were tried first."""
+        if session is not None:
+            value = await self._session_call(method, args, kwargs, workload, session, timeout)
+            member = self._pins[session]
+            return Routed(value, member.name, self._route(method, args, kwargs, workload).name)
         route = self._route(method, args, kwargs, workload)
         value, member, attempts = await self._run(
             route, method, args, kwargs, timeout, idempotent, retries
