@@ -15,8 +15,9 @@ this process only, the workers are other processes) for
   that workload.
 
 Blocks alternate inside each round, and the order rotates from round to
-round, so drift on a shared machine hits every mode alike; the figure is the median over rounds of each mode's CPU per call
-minus ``direct``'s in the same round. CPU time, not wall time: waiting for the
+round, so drift on a shared machine hits every mode alike; the figure is the
+median over rounds of each mode's CPU per call minus ``direct``'s in the same
+round. CPU time, not wall time: waiting for the
 workers costs the parent nothing, and the front's cost is all parent CPU.
 
 A direct call costs the parent tens of microseconds, and on a shared machine
