@@ -268,3 +268,16 @@ async def test_fallbacks_and_breaker_moves_are_logged() -> None:
     assert events["breaker.open"]["pool"] == "a"
     assert events["breaker.open"]["reason"] == "1 of 1 calls failed"
     assert events["route.fallback"]["error_type"] == "CircuitOpen"
+
+
+async def test_careless_arguments_get_clear_errors_before_any_pool_is_tried() -> None:
+    async with Pools(Pool(TARGET, size=1, name="a"), rules=[Rule("a", methods=["x*"])]) as pools:
+        with pytest.raises(TypeError, match="method must be a str"):
+            await pools.call(42)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="timeout must be a number"):
+            await pools.call("add", 1, 2, timeout="5")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="finite number > 0"):
+            await pools.call("add", 1, 2, timeout=float("inf"))
+        with pytest.raises(TypeError, match="session must be a str"):
+            await pools.call("add", 1, 2, session=5)  # type: ignore[arg-type]
+        assert pools.stats().routes["a"].routed == 0

@@ -554,6 +554,9 @@ class Pools:
     def _route(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], workload: str | None
     ) -> _Route:
+        """The call's workload: named, cached for its method, or by the rules (slow path)."""
+        if not isinstance(method, str):
+            raise TypeError(f"method must be a str, got {type(method).__name__}")
         if workload is not None:
             route = self._routes.get(workload)
             if route is None:
@@ -631,8 +634,7 @@ class Pools:
         # The fast path: the first pool's breaker is closed, nothing to trace.
         deadline = None
         if timeout is not None:
-            if not timeout > 0:
-                raise ValueError(f"timeout must be > 0, got {timeout!r}")
+            _check_timeout(timeout)
             deadline = asyncio.get_running_loop().time() + timeout
         route.calls += 1
         member.routed += 1
@@ -733,8 +735,8 @@ class Pools:
             start = 0
             if attempts is None:
                 route.calls += 1
-                if timeout is not None and not timeout > 0:
-                    raise ValueError(f"timeout must be > 0, got {timeout!r}")
+                if timeout is not None:
+                    _check_timeout(timeout)
                 deadline = None if timeout is None else loop_time() + timeout
             else:
                 start = len(attempts)
@@ -1251,6 +1253,14 @@ class Pools:
     def __repr__(self) -> str:
         parts = [f"{n} {m.worst_state()}" for n, m in self._members.items()]
         return f"<corral.Pools {self._state} [{', '.join(parts)}] workloads={list(self._routes)}>"
+
+
+def _check_timeout(timeout: object) -> None:
+    """A timeout is a finite number > 0; anything else is refused before a pool is tried."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a finite number > 0, got {timeout!r}")
 
 
 def _faults(stats: PoolStats) -> int:
