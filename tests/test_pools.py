@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
@@ -281,3 +282,19 @@ async def test_careless_arguments_get_clear_errors_before_any_pool_is_tried() ->
         with pytest.raises(TypeError, match="session must be a str"):
             await pools.call("add", 1, 2, session=5)  # type: ignore[arg-type]
         assert pools.stats().routes["a"].routed == 0
+
+
+async def test_a_probe_stream_dropped_unfinished_gives_its_probe_back() -> None:
+    async with two_pools(min_calls=1, cooldown=30) as pools:
+        with pytest.raises(WorkerCrashed):
+            await pools.call("exit_now", workload="only_a")
+        await pools["a"].wait_ready(timeout=30)
+        breaker = pools.breakers()["a"]
+        breaker.opened_at -= 30  # the cool-down is over
+        stream = pools.stream("count", 3, workload="only_a")
+        assert await stream.__anext__() == 0
+        assert breaker.probes_inflight == 1
+        del stream
+        gc.collect()
+        assert breaker.probes_inflight == 0
+        assert breaker.state.value == "half_open"  # a dropped probe says nothing

@@ -1425,6 +1425,12 @@ class RoutedStream:
         if stream is not None:
             await stream.aclose()
 
+    def __del__(self) -> None:
+        # Dropped without aclose(): give a half-open probe slot back, or the breaker
+        # would wait for this probe forever. (The pool's own stream cleans up itself.)
+        if not self._done:
+            self._finish(None)
+
     async def __aenter__(self) -> RoutedStream:
         return self
 
