@@ -95,6 +95,7 @@ POOL_FAULTS: tuple[type[CorralError], ...] = (
 )
 
 _METHODS_CACHED = 10_000
+_METHOD_BREAKERS_KEPT = 1_000  # per pool, with per_method: method names come from callers
 SERIES_KEPT = 300  # one point a second: the last five minutes
 MARKERS_KEPT = 200
 
@@ -344,6 +345,8 @@ class _Member:
             return self.breaker
         breaker = self.breakers.get(method)
         if breaker is None:
+            if len(self.breakers) >= _METHOD_BREAKERS_KEPT:
+                return self.breaker  # past the bound, further methods share the pool's
             breaker = self.breakers[method] = CircuitBreaker(
                 self.breaker.config,
                 name=f"{self.name}:{method}",
@@ -352,7 +355,10 @@ class _Member:
         return breaker
 
     def all_breakers(self) -> list[CircuitBreaker]:
-        return list(self.breakers.values()) if self.front._per_method else [self.breaker]
+        if not self.front._per_method:
+            return [self.breaker]
+        shared = [self.breaker] if len(self.breakers) >= _METHOD_BREAKERS_KEPT else []
+        return list(self.breakers.values()) + shared
 
     def worst_state(self) -> str:
         states = {b.state.value for b in self.all_breakers()}
