@@ -298,3 +298,21 @@ async def test_a_probe_stream_dropped_unfinished_gives_its_probe_back() -> None:
         gc.collect()
         assert breaker.probes_inflight == 0
         assert breaker.state.value == "half_open"  # a dropped probe says nothing
+
+
+async def test_log_routes_logs_every_served_call() -> None:
+    async with Pools(Pool(TARGET, size=1, name="a"), log_routes=True) as pools:
+        with capture_logs() as logs:
+            await pools.call("add", 1, 2)
+    served = [e for e in logs if e["event"] == "route.served"]
+    assert served == [
+        {
+            "event": "route.served",
+            "log_level": "debug",
+            "workload": "a",
+            "method": "add",
+            "pool": "a",
+            "fallbacks": 0,
+            "round": 0,
+        }
+    ]

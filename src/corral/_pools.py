@@ -407,6 +407,10 @@ class Pools:
     workload of its own with no fallback. ``rules`` pick the workload of calls
     that name none; ``default`` (default: the first workload) takes the rest.
     ``breaker`` and ``retry`` configure every pool's breaker and retry budget.
+    ``sample_interval`` is how often the charts' series gets a point.
+    ``log_routes=True`` also logs every served call (``route.served``, debug),
+    at the cost of the fast path; fallbacks, retries and breaker moves are
+    always logged.
 
     Start and close it with ``async with pools`` (or ``start()``/``aclose()``):
     the pools start together (if one fails, those started are closed and the
@@ -422,6 +426,7 @@ class Pools:
         breaker: BreakerConfig | None = None,
         retry: RetryPolicy | None = None,
         sample_interval: float = 1.0,
+        log_routes: bool = False,
     ) -> None:
         if not pools:
             raise TypeError("Pools() needs at least one corral.Pool")
@@ -476,7 +481,8 @@ class Pools:
         self._cacheable = all(rule.simple for rule in self.rules)
         self._pins: dict[str, _Member] = {}  # session -> the pool holding it
         self._tracer: RouteTracer | None = None  # set_tracer(), by corral.otel.instrument()
-        self._traced_or_per_method = self._per_method  # the fast path's one test
+        self._log_routes = log_routes
+        self._traced_or_per_method = self._per_method or log_routes  # the fast path's one test
         self._sample_interval = sample_interval
         self._sampler: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -486,7 +492,7 @@ class Pools:
     def set_tracer(self, tracer: RouteTracer | None) -> None:
         """Open a span around every routed call from now on (None: stop). See corral.otel."""
         self._tracer = tracer
-        self._traced_or_per_method = tracer is not None or self._per_method
+        self._traced_or_per_method = tracer is not None or self._per_method or self._log_routes
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -811,6 +817,11 @@ class Pools:
                         member.budget.called(now)
                     breaker.record(now, False, admission == PROBE)
                     member.served += 1
+                    if self._log_routes:
+                        _log.debug(
+                            "route.served", workload=route.name, method=method,
+                            pool=member.name, fallbacks=len(attempts or ()), round=round_no,
+                        )  # fmt: skip
                     if span is not None:
                         self._annotate(span, member, attempts, round_no)
                         span.end(None)
