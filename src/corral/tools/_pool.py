@@ -24,9 +24,8 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
-import structlog
-
 from .._errors import PoolClosed, PoolTimeout, WorkerCrashed
+from .._log import get_logger
 from .._pool import Pool
 from ._errors import ToolError, ToolExited, ToolStartError, ToolTimeout
 from ._process import ToolSpec
@@ -377,7 +376,7 @@ class ToolPool:
         self._free: collections.deque[ToolInstance] = collections.deque(self._instances)
         self._waiters: collections.deque[asyncio.Future[ToolInstance]] = collections.deque()
         self._state = "new"  # new -> starting -> open -> closing -> closed
-        self._log = structlog.get_logger("corral.tools").bind(tools=self.name)
+        self._log = get_logger("corral.tools").bind(tools=self.name)
 
     # --- lifecycle ----------------------------------------------------------------
 

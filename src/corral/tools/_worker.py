@@ -18,10 +18,9 @@ import asyncio
 import time
 from typing import Any
 
-import structlog
-
 from corral.worker import App, Context
 
+from .._log import get_logger
 from ._process import ToolProcess, ToolSpec, ToolStartFailed
 
 __all__ = ["app"]
@@ -65,7 +64,7 @@ def _exited(tool: ToolProcess) -> dict[str, Any]:
 
 
 def _log(ctx: Context) -> Any:
-    return structlog.get_logger("corral.tools").bind(
+    return get_logger("corral.tools").bind(
         worker_id=ctx.worker_id, session=ctx.session_id, call_id=ctx.call_id
     )
 
