@@ -115,6 +115,22 @@ async def restart(spec: dict[str, Any] | None = None, *, ctx: Context) -> dict[s
     return await _replace(ctx, known)
 
 
+@app.handler("tool.lease")
+async def lease(spec: dict[str, Any], *, ctx: Context) -> dict[str, Any]:
+    """Before an instance is handed out: nothing if its program runs, else a restart.
+
+    The check is the process's exit status (``waitid`` without reaping), so a
+    program killed while no one held it is never handed out dead.
+    """
+    tool = _session(ctx).get("tool")
+    if isinstance(tool, ToolProcess) and not tool.has_ended():
+        return {"restarted": False}
+    if isinstance(tool, ToolProcess):
+        _log(ctx).info("tool.ended_between_leases", tool_pid=tool.pid)
+    result = await restart(spec, ctx=ctx)
+    return result if "error" in result else {**result, "restarted": True}
+
+
 @app.handler("tool.send")
 async def send(data: str, *, ctx: Context) -> dict[str, Any]:
     """Queue ``data`` for the program's input; returns at once with the bytes queued."""
