@@ -38,3 +38,28 @@ def test_the_suite_extra_brings_the_test_extra_and_the_heavy_layers() -> None:
     assert {"dspy", "playwright", "hypothesis"} <= _names(suite)
     noxfile = (ROOT / "noxfile.py").read_text()
     assert "'.[test]'" not in noxfile and '".[test]"' not in noxfile
+
+
+def test_the_readme_lists_every_page_of_the_docs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    listed = readme[readme.index("## All the pages") :]
+    missing = [
+        page.name
+        for page in sorted((ROOT / "docs").glob("*.md"))
+        if f"(docs/{page.name})" not in listed
+    ]
+    assert not missing, f"README's page list misses {missing}"
+
+
+def test_the_readme_names_every_error_class() -> None:
+    import corral
+
+    readme = (ROOT / "README.md").read_text()
+    errors = [
+        name
+        for name in corral.__all__
+        if isinstance(getattr(corral, name), type)
+        and issubclass(getattr(corral, name), corral.CorralError)
+    ]
+    assert "CorralError" in errors
+    assert not [name for name in errors if f"`{name}`" not in readme]
