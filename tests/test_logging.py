@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -187,3 +189,30 @@ async def test_an_overloaded_pool_logs_a_count_not_a_line_per_shed_call() -> Non
     lines = [e for e in logs if e["event"] == "call.failed" and e["error_type"] == "PoolOverloaded"]
     assert len(lines) <= 1 + 60  # the first, then at most one per second of the test
     assert sum(e.get("repeated", 1) for e in lines) == shed  # a summary stands for `repeated`
+
+
+async def test_a_worker_logs_to_its_stderr_through_the_standard_library_with_its_ids(
+    structlog_unconfigured: None,
+) -> None:
+    # Unconfigured in the worker too: the event goes through the worker's logging
+    # (WARNING and above, on its stderr), with the traceback, and reaches the error.
+    with pytest.raises(corral.WorkerStartError) as caught:
+        async with Pool("tests.workers.bad:startup_fails", size=1, max_restarts=0):
+            pass
+    tail = caught.value.stderr_tail or ""
+    assert "worker.startup_failed worker_id=" in tail, tail
+    assert "RuntimeError: model file missing" in tail
+    assert "Traceback" in tail
+
+
+def test_worker_start_imports_neither_structlog_nor_rich() -> None:
+    # What a worker process imports before it loads the application's module:
+    # importing structlog would import rich too, when rich is installed.
+    code = (
+        "import sys, corral.worker.__main__, corral.worker._runtime\n"
+        "print(sorted(m for m in ('structlog', 'rich') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="corral", description="asyncio-native process pools")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run a pool of the bundled worker under a mixed load")
-    demo.add_argument("--size", type=int, default=2, help="workers in the pool (default 2)")
+    demo.add_argument("--size", type=_workers, default=2, help="workers in the pool (default 2)")
     demo.add_argument("-v", "--verbose", action="store_true", help="show the pool's log events")
     call = commands.add_parser(
         "call", help="start one worker of TARGET, call METHOD once, print the result as JSON"
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument(
         "args",
         nargs="*",
+        default=[],
         type=_parse_argument,
         help="arguments: each parsed as JSON if it is JSON (1, 2.5, true, null, "
         "'\"text\"', '[1, 2]', '{\"a\": 1}'), else taken as a string",
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     top.add_argument(
         "target", nargs="?", default=None, help=f"MODULE:ATTR (default: {_DEMO_TARGET})"
     )
-    top.add_argument("--size", type=int, default=2, help="workers in the pool (default 2)")
+    top.add_argument("--size", type=_workers, default=2, help="workers in the pool (default 2)")
     top.add_argument(
         "--url", help="read a running service's status page instead (its address, or status.json)"
     )
@@ -160,6 +161,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 worker, got {value}")
     return value
 
 

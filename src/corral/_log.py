@@ -14,18 +14,19 @@ them all. The choice is made at each event, not at import, because applications
 configure logging after importing their libraries.
 
 Must not touch: the configuration of structlog or of logging (both belong to the
-application), stdout. Imports nothing heavy: workers load this module at start.
+application), stdout. Never imports structlog: an application that configured it
+has imported it, so ``sys.modules`` is asked instead. That keeps worker start
+light (importing structlog imports rich when rich is installed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
-
-import structlog
 
 __all__ = ["Logger", "Repeats", "get_logger"]
 
@@ -60,8 +61,7 @@ class Logger:
         self._name = name
         self._context = context
         self._std = logging.getLogger(name)
-        # A lazy proxy: it reads structlog's configuration when it logs, not now.
-        self._struct: Any = structlog.get_logger(name, **context)
+        self._struct: Any = None  # structlog's lazy proxy, made at the first event it takes
 
     @property
     def name(self) -> str:
@@ -92,7 +92,11 @@ class Logger:
         self._emit(level, event, fields)
 
     def _emit(self, method: str, event: str, fields: dict[str, Any]) -> None:
-        if structlog.is_configured():
+        structlog = sys.modules.get("structlog")
+        if structlog is not None and structlog.is_configured():
+            if self._struct is None:
+                # A lazy proxy: it reads structlog's configuration at each event.
+                self._struct = structlog.get_logger(self._name, **self._context)
             getattr(self._struct, method)(event, **fields)
             return
         level = _LEVELS[method]
