@@ -8,6 +8,7 @@ breaks its program breaks this test.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -62,6 +63,46 @@ def test_the_readme_example_prints_only_its_own_output(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == "0\n1\n2\n"
     assert done.stderr == ""
+
+
+def test_with_structlog_configured_by_the_application_the_events_go_through_it(
+    tmp_path: Path,
+) -> None:
+    readme = ROOT / "README.md"
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (tmp_path / "myapp" / "workers.py").write_text(_block_starting(readme, "# myapp/workers.py"))
+    # Configured after corral is imported, as applications do.
+    script = tmp_path / "main.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, sys
+            from corral import Pool
+            import structlog
+
+            structlog.configure(
+                processors=[structlog.processors.add_log_level,
+                            structlog.processors.JSONRenderer()],
+                logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            )
+
+            async def main() -> None:
+                async with Pool("myapp.workers:app", size=1, name="app") as pool:
+                    print(await pool.call("add", 1, 2))
+
+            asyncio.run(main())
+            """
+        )
+    )
+    done = _run(script, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "3\n"
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    ready = [e for e in events if e["event"] == "worker.ready"]
+    assert len(ready) == 1 and ready[0]["pool"] == "app" and ready[0]["worker_id"] == "app-w1"
+    assert ready[0]["level"] == "info"  # below WARNING: the application's choice now
+    assert {"pool.starting", "pool.closed"} <= {e["event"] for e in events}
 
 
 def test_the_getting_started_programs_print_only_their_own_output(tmp_path: Path) -> None:
