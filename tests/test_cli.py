@@ -251,3 +251,17 @@ def test_corral_bench_measures_placed_workers_only_when_asked() -> None:
     assert set(PLACED) <= set(selected_systems(build_parser().parse_args(["--placed"])))
     named = build_parser().parse_args(["--systems", "corral", "corral tcp"])
     assert selected_systems(named) == ["corral", "corral tcp"]
+
+
+def test_corral_top_and_demo_mistakes_give_one_line() -> None:
+    for args, code in (
+        (["top", "tests.workers.basic", "--duration", "1"], 2),
+        (["top", "no_such_module_here:app", "--duration", "1"], 2),
+        (["top", "tests.workers.basic:no_such_app", "--duration", "1"], 1),
+        (["top", "--size", "0", "--duration", "1"], 2),
+        (["demo", "--size", "-3"], 2),
+    ):
+        run = _corral(*args)
+        assert run.returncode == code, (args, run.stderr)
+        assert run.stderr.startswith(f"corral {args[0]}: "), run.stderr
+        assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr

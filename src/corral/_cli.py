@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         "(the demo worker under load by default), or a running service's status page (--url)",
     )
     top.add_argument(
-        "target", nargs="?", default=None, help=f"MODULE:ATTR (default: {_DEMO_TARGET})"
+        "target",
+        nargs="?",
+        type=_target,
+        default=None,
+        help=f"MODULE:ATTR (default: {_DEMO_TARGET})",
     )
     top.add_argument("--size", type=_workers, default=2, help="workers in the pool (default 2)")
     top.add_argument(
@@ -138,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("interrupted; the pool was closed\n")
             return 130
     if args.command == "top":
+        top_parser = commands.choices["top"]
         if args.url is not None and args.target is not None:
-            parser.error("top takes a TARGET or --url, not both")
+            top_parser.error("top takes a TARGET or --url, not both")
+        problem = None if args.target is None else _target_problem(args.target)
+        if problem is not None:
+            top_parser.error(problem)
         return _needs_rich(lambda: _top_main(args))
     from ._demo import run_demo
 
@@ -218,6 +226,7 @@ def _needs_rich(command: Callable[[], int]) -> int:
 
 
 def _top_main(args: argparse.Namespace) -> int:
+    from . import WorkerStartError
     from ._top import top_pool, top_url
 
     try:
@@ -236,6 +245,9 @@ def _top_main(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:  # Ctrl-C is how top ends; any pool was closed
         return 0
+    except WorkerStartError as exc:
+        sys.stderr.write(f"corral top: {_start_failure(exc)}\n")
+        return 1
 
 
 def _bench_main(argv: list[str]) -> int:
