@@ -91,7 +91,9 @@ class Logger:
         """The level by name: ``log("warning", ...)`` is ``warning(...)``."""
         self._emit(level, event, fields)
 
-    def _emit(self, method: str, event: str, fields: dict[str, Any]) -> None:
+    def _emit(
+        self, method: str, event: str, fields: dict[str, Any], stacklevel: int = 3
+    ) -> None:
         structlog = sys.modules.get("structlog")
         if structlog is not None and structlog.is_configured():
             if self._struct is None:
@@ -111,7 +113,7 @@ class Logger:
             message,
             exc_info=exc_info,
             extra={"corral": {"event": event, **values}},
-            stacklevel=3,
+            stacklevel=stacklevel,  # the record names the line that logged, not this module
         )
 
 
@@ -169,7 +171,7 @@ class Repeats:
         elif len(self._windows) >= _MAX_KEYS:
             self._forget_quiet()
         self._windows[key] = _Window(level, now)
-        self._log.log(level, event, **fields)
+        self._log._emit(level, event, fields, stacklevel=4)
 
     def flush(self) -> None:
         """Log every count held back now (a pool does this when it closes)."""
