@@ -91,9 +91,7 @@ class Logger:
         """The level by name: ``log("warning", ...)`` is ``warning(...)``."""
         self._emit(level, event, fields)
 
-    def _emit(
-        self, method: str, event: str, fields: dict[str, Any], stacklevel: int = 3
-    ) -> None:
+    def _emit(self, method: str, event: str, fields: dict[str, Any], stacklevel: int = 3) -> None:
         structlog = sys.modules.get("structlog")
         if structlog is not None and structlog.is_configured():
             if self._struct is None:
