@@ -19,9 +19,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._breaker import BreakerConfig
     from ._config import PoolConfig
     from ._errors import (
+        AllPoolsFailed,
         CallTimeout,
+        CircuitOpen,
         CorralError,
         EncodeError,
         MethodNotFound,
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
         WorkerStartError,
     )
     from ._pool import CallStream, Pool, WorkerLease
+    from ._pools import Pools, PoolsStats, Routed, RoutedStream, RouteStats, Rule, Workload
+    from ._retry import RetryPolicy
     from ._stats import LatencyHistogram, PoolStats
     from ._status import Eviction, PoolStatus, QueueInfo, WorkerInfo
 
@@ -44,8 +49,11 @@ __version__ = "0.1.0"
 """corral's version."""
 
 __all__ = [
+    "AllPoolsFailed",
+    "BreakerConfig",
     "CallStream",
     "CallTimeout",
+    "CircuitOpen",
     "CorralError",
     "EncodeError",
     "Eviction",
@@ -59,25 +67,37 @@ __all__ = [
     "PoolOverloaded",
     "PoolStats",
     "PoolStatus",
+    "Pools",
+    "PoolsStats",
     "PoolTimeout",
     "ProtocolError",
     "QueueInfo",
     "RemoteError",
+    "RetryPolicy",
+    "RouteStats",
+    "Routed",
+    "RoutedStream",
+    "Rule",
     "SessionLost",
     "WorkerCrashed",
     "WorkerInfo",
     "WorkerLease",
     "WorkerStartError",
+    "Workload",
     "__version__",
 ]
 
 
 # Where each public name lives; a class's ``__module__`` is set to "corral" when loaded.
 _WHERE = {
+    "BreakerConfig": "._breaker",
     "PoolConfig": "._config",
+    "RetryPolicy": "._retry",
     **dict.fromkeys(
         [
+            "AllPoolsFailed",
             "CallTimeout",
+            "CircuitOpen",
             "CorralError",
             "EncodeError",
             "MethodNotFound",
@@ -95,6 +115,10 @@ _WHERE = {
         "._errors",
     ),
     **dict.fromkeys(["CallStream", "Pool", "WorkerLease"], "._pool"),
+    **dict.fromkeys(
+        ["Pools", "PoolsStats", "Routed", "RoutedStream", "RouteStats", "Rule", "Workload"],
+        "._pools",
+    ),
     **dict.fromkeys(["LatencyHistogram", "PoolStats"], "._stats"),
     **dict.fromkeys(["Eviction", "PoolStatus", "QueueInfo", "WorkerInfo"], "._status"),
 }

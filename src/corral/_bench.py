@@ -172,6 +172,16 @@ def run_bench(argv: list[str]) -> int:
         return 0
     calls, rounds = (2_000, 1) if args.quick else (args.calls, args.rounds)
     cpu = args.cpu if args.cpu is not None else min(os.sched_getaffinity(0))
+    try:
+        import rich  # noqa: F401 - the progress bar; checked before anything is measured
+    except ImportError:
+        from ._install import install_command
+
+        sys.stderr.write(
+            "corral bench draws its progress with rich, which is not installed: "
+            f"{install_command('cli')}\n"
+        )
+        return 2
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 

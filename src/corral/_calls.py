@@ -16,10 +16,9 @@ import collections
 import time
 from typing import Any
 
-import structlog
-
 from ._errors import CorralError, EncodeError, PayloadTooLarge, RemoteError
 from ._handle import PendingCall, WorkerHandle
+from ._log import Logger, Repeats
 from ._sessions import Sessions
 from ._stats import LatencyRecorder
 from ._tracing import CallSpan, CallTracer
@@ -35,11 +34,11 @@ class CallPath:
     """Starts calls on the workers they were given, and counts how they end."""
 
     __slots__ = (
-        "_log",
         "call_timeout",
         "calls_cancelled",
         "calls_failed",
         "calls_ok",
+        "failures_log",
         "latency",
         "loop",
         "sessions",
@@ -52,12 +51,13 @@ class CallPath:
         sessions: Sessions,
         call_timeout: float | None,
         stream_window: int,
-        log: structlog.typing.FilteringBoundLogger,
+        log: Logger,
     ) -> None:
         self.sessions = sessions
         self.call_timeout = call_timeout  # the default when a call gives none
         self.stream_window = stream_window
-        self._log = log
+        # call.failed storms (load shed, a pool down) log a count per second, not a line per call
+        self.failures_log = Repeats(log)
         self.tracer: CallTracer | None = None  # set by corral.otel.instrument()
         self.loop: asyncio.AbstractEventLoop | None = None  # the pool's, once started
         self.calls_ok = 0
@@ -147,9 +147,11 @@ class CallPath:
             self.calls_failed[type(exc).__name__] += 1
             if started is not None:
                 self.latency.record(clock() - started)
-            log = self._log.info if isinstance(exc, _CALLER_ERRORS) else self._log.warning
+            level = "info" if isinstance(exc, _CALLER_ERRORS) else "warning"
             remote = {"remote_type": exc.type} if isinstance(exc, RemoteError) else {}
-            log(
+            self.failures_log.log(
+                level,
+                (type(exc), method, remote.get("remote_type")),
                 "call.failed",
                 method=method,
                 call_id=exc.call_id,

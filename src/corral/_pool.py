@@ -27,14 +27,13 @@ import weakref
 from types import TracebackType
 from typing import Any, Self
 
-import structlog
-
 from ._calls import CallPath, clock
 from ._config import PoolConfig
 from ._errors import PoolClosed, PoolTimeout, SessionLost, WorkerCrashed
 from ._handle import WorkerHandle
 from ._launch import Launcher, LocalLauncher
 from ._lease import Checkout, WorkerLease
+from ._log import get_logger
 from ._pool_state import PoolLifecycle, PoolState
 from ._sessions import Sessions
 from ._shm import new_pool_prefix, unlink_segments
@@ -91,7 +90,7 @@ class Pool:
         cfg = self.config
         self._launcher: Launcher = launcher or LocalLauncher()
         self._shm_prefix = new_pool_prefix()  # large-buffer segments: /dev/shm/<prefix><n>-*
-        self._log = structlog.get_logger("corral").bind(pool=self.name)
+        self._log = get_logger("corral").bind(pool=self.name)
         self._lifecycle = PoolLifecycle(self.name)
         self._sessions = Sessions(self._log, cfg.session_ttl, cfg.max_sessions_per_worker)
         self._supervisor = Supervisor(
@@ -207,6 +206,7 @@ class Pool:
         self._sessions.clear()
         unlink_segments(self._shm_prefix)  # each worker's exit did; this catches any stray
         self._lifecycle.move(PoolState.CLOSED)
+        self._calls.failures_log.flush()
         self._log.info("pool.closed")
 
     def _forget_after_fork(self) -> None:

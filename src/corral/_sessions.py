@@ -13,11 +13,10 @@ from __future__ import annotations
 import time
 from collections.abc import ItemsView, Iterable
 
-import structlog
-
 from . import _router
 from ._errors import SessionLost
 from ._handle import WorkerHandle
+from ._log import Logger
 
 __all__ = ["LOST_SESSIONS_KEPT", "Sessions"]
 
@@ -31,7 +30,7 @@ class Sessions:
 
     def __init__(
         self,
-        log: structlog.typing.FilteringBoundLogger,
+        log: Logger,
         ttl: float | None,
         max_per_worker: int | None,
     ) -> None:

@@ -59,10 +59,11 @@ _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 def _log() -> Any:
-    """corral's logger, made when first needed (structlog is not light to import)."""
-    import structlog
+    """corral's logger, made when first needed: a worker imports no logging machinery
+    (``_log`` imports asyncio) until it has something to say."""
+    from ._log import get_logger
 
-    return structlog.get_logger("corral")
+    return get_logger("corral")
 
 
 class LostSegment(ProtocolError):

@@ -25,13 +25,12 @@ import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
-import structlog
-
 from ._config import PoolConfig
 from ._dispatch import Dispatcher
 from ._errors import PoolFailed, SessionLost, WorkerStartError, describe_exit
 from ._handle import WorkerHandle
 from ._launch import Launcher, WorkerSpec
+from ._log import Logger
 from ._pool_state import PoolLifecycle, PoolState
 from ._sessions import Sessions
 from ._state import WorkerState
@@ -63,7 +62,7 @@ class Supervisor:
         lifecycle: PoolLifecycle,
         sessions: Sessions,
         shm_prefix: str,
-        log: structlog.typing.FilteringBoundLogger,
+        log: Logger,
     ) -> None:
         self._name = name
         self._app_target = target  # "package.module:app"
