@@ -4,6 +4,7 @@
     python -m benchmarks.run --quick    # smoke test: small counts, 1 repeat
     python -m benchmarks.run --sweep    # echo by size, pipes against /dev/shm
     python -m benchmarks.run --placed   # also workers over TCP and on a local Ray
+    python -m benchmarks.run --cost     # only what one call costs (benchmarks/cost.py)
 
 Every system runs the same task functions (benchmarks/tasks.py) with 2 worker
 processes. Figures are printed with their ratio to the floor (benchmarks/floor.py)
@@ -13,11 +14,13 @@ The ``corral`` column uses default settings, where buffers over
 turns that path off, so its echo rows are the pipes alone.
 Sequential latency is measured with this process and its workers pinned to one
 CPU (children inherit the affinity), which makes runs comparable here; the
-throughput figures use every CPU. ``corral tcp`` and ``corral ray`` are corral
-with workers that connect back over TCP (loopback): started by a local shim, and
-placed by a local Ray instance (``RayLauncher``, when Ray is installed); they
-are measured only with ``--placed`` (or named in ``--systems``), so a plain run
-starts no Ray.
+throughput figures use every CPU. After the table come the cost tables of
+benchmarks/cost.py (CPU and system calls per call on each side, idle memory,
+cold start), unless ``--systems`` picks some systems only. ``corral tcp`` and
+``corral ray`` are corral with workers that connect back over TCP (loopback):
+started by a local shim, and placed by a local Ray instance (``RayLauncher``,
+when Ray is installed); they are measured only with ``--placed`` (or named in
+``--systems``), so a plain run starts no Ray.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from benchmarks import tasks
+from benchmarks import cost, tasks
 from benchmarks.floor import FloorPool
 
 WORKERS = 2
@@ -449,6 +452,9 @@ async def main_async(args: argparse.Namespace, progress: Progress = NO_PROGRESS)
         sys.stderr.write("measuring echo by size, pipes against /dev/shm ...\n")
         await threshold_sweep(counts)
         return
+    if args.cost:
+        await cost.main_async(args.quick)
+        return
     names = selected_systems(args)
     names = [n for n in names if _available(n)]
     if "floor" not in names:
@@ -494,6 +500,9 @@ async def main_async(args: argparse.Namespace, progress: Progress = NO_PROGRESS)
                 if placed in paired:
                     sys.stdout.write(f" (in alternation: {paired[placed]:.2f}x)")
                 sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not args.systems:  # the whole benchmark: the cost tables too
+        await cost.main_async(args.quick)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -512,6 +521,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--sweep",
         action="store_true",
         help="only corral's echo rate by size, pipes against /dev/shm (large_buffer_threshold)",
+    )
+    parser.add_argument(
+        "--cost",
+        action="store_true",
+        help="only the cost tables: CPU and system calls per call on each side, memory, cold start",
     )
     return parser
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,6 +40,42 @@ def test_quick_benchmark_prints_the_table_with_ratios() -> None:
     assert "corral session calls / plain calls" in run.stdout
     # floor, corral and ProcessPoolExecutor: 6 figures each, and corral's 6 extras.
     assert re.search(r"done .* 24/24 figures", run.stderr), run.stderr
+
+
+@pytest.mark.timeout(240)
+def test_quick_cost_tables_print_each_case_against_the_floor() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--cost"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "CPU per sequential no-op call" in run.stdout
+    assert re.search(r"^floor\s+[\d.]+ \(1.00x\)", run.stdout, re.M), run.stdout
+    for case in ("sync-only app", "sync, mixed app", "async handler"):
+        assert re.search(rf"^{re.escape(case)}\s+[\d.]+ \([\d.]+x\)", run.stdout, re.M), case
+    assert "System calls per sequential call" in run.stdout or "strace is not installed" in (
+        run.stdout
+    )
+    assert "Idle worker RSS" in run.stdout and "Cold start, pool of 4" in run.stdout
+
+
+def test_without_strace_the_syscall_table_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import io
+
+    from benchmarks.cost import QUICK, STRACE_MISSING, print_syscalls, syscall_table
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no strace on PATH
+    table = syscall_table(QUICK)
+    assert table is None
+    out = io.StringIO()
+    print_syscalls(table, QUICK.strace_calls, out)
+    assert STRACE_MISSING in out.getvalue()
+    assert "apt-get install -y strace" in out.getvalue()
 
 
 def test_the_harness_still_runs_as_a_module() -> None:

@@ -17,10 +17,22 @@ async def test_an_app_without_async_handlers_runs_sync_code_on_the_main_thread()
         assert [w async for w in pool.stream("words", 2)] == ["MainThread0", "MainThread1"]
 
 
-async def test_an_app_with_async_handlers_runs_sync_code_on_one_other_thread() -> None:
+async def test_an_app_with_async_handlers_runs_sync_code_on_the_main_thread_too() -> None:
     async with Pool("tests.workers.basic:app", size=1) as pool:
         names = {await pool.call("thread_name") for _ in range(5)}
-    assert len(names) == 1 and names != {"MainThread"}
+        async_names = {await pool.call("async_thread_name") for _ in range(3)}
+    assert names == {"MainThread"}
+    assert len(async_names) == 1 and async_names != {"MainThread"}  # the loop's own thread
+
+
+async def test_an_async_handler_keeps_running_while_a_sync_handler_blocks() -> None:
+    # The async call waits for a flag that only a later sync call sets, and the
+    # sync call then blocks until the async call has finished: both must run at once.
+    async with Pool("tests.workers.basic:app", size=1, max_concurrency=2) as pool:
+        items = pool.stream("async_wait_for_flag", 10.0)
+        assert await anext(items) == "started"
+        assert await pool.call("set_flag_and_wait_for_async", 10.0) is True
+        assert await anext(items) is True
 
 
 async def test_sync_mode_thread_can_be_chosen() -> None:
@@ -77,3 +89,26 @@ async def test_sync_hooks_run_on_the_thread_of_the_sync_handlers() -> None:
     async with Pool("tests.workers.sync_only:threaded", size=1) as pool:
         startup, handler = await pool.call("startup_thread")
     assert startup == handler != "MainThread"
+
+
+async def test_a_sync_stream_longer_than_its_window_resumes_on_credit() -> None:
+    # A stream out of credit is parked by the main thread and stepped again
+    # when Credit comes; every item is made on the main thread.
+    async with Pool("tests.workers.sync_only:app", size=1, stream_window=4) as pool:
+        items = [w async for w in pool.stream("words", 50)]
+        assert items == [f"MainThread{i}" for i in range(50)]
+        assert await pool.call("thread_name") == "MainThread"
+
+
+async def test_a_parked_sync_stream_past_its_deadline_ends_and_the_worker_serves_on() -> None:
+    async with Pool("tests.workers.sync_only:app", size=1, stream_window=1) as pool:
+        pid = await pool.call("pid")
+        stream = pool.stream("words", 1000, timeout=0.5)
+        assert await anext(stream) == "MainThread0"
+        # No more reading: the worker runs out of credit and parks the stream,
+        # which ends at its deadline (the worker's or the caller's, first).
+        await pool.wait_idle(timeout=10)
+        with pytest.raises(corral.CallTimeout):
+            while True:
+                await anext(stream)
+        assert await pool.call("pid") == pid and pool.stats().restarts == 0

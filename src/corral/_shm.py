@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 import struct
 from typing import Any
@@ -67,7 +66,8 @@ class LostSegment(ProtocolError):
 
 def new_pool_prefix() -> str:
     """A prefix no other pool uses: ``corral-<pid>-<random>-``."""
-    return f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+    # os.urandom, not the secrets module: that one loads OpenSSL (4 MiB in every worker)
+    return f"{SEGMENT_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-"
 
 
 def _check_prefix(prefix: str) -> None:

@@ -4,20 +4,20 @@ Owns: the read side (bytes -> FrameDecoder -> one callback per message), the
 pool's write side (the first frame of a loop tick is written at once, the rest
 of that tick coalesced into one more write), the optional control channel
 (heartbeats and cancels on a pipe of their own, so a worker can answer them
-while its loop is busy), and the worker's blocking, thread-safe writer. Must not
-touch: what messages mean, or how the process at the other end was started
-(that is the launcher's job); a socket transport would offer the same
-``FrameConnection`` surface, sending control messages in-band.
+while its loop is busy), and the worker's blocking, thread-safe writer
+(``_blocking_writer``, re-exported here). Must not touch: what messages mean,
+or how the process at the other end was started (that is the launcher's job);
+a socket transport would offer the same ``FrameConnection`` surface, sending
+control messages in-band.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import select
-import threading
 from typing import Any, Generic, Protocol, TypeVar
 
+from ._blocking_writer import BlockingFrameWriter
 from ._errors import ProtocolError
 from ._framing import FrameDecoder, FrameEncoder
 
@@ -236,45 +236,3 @@ async def open_pipe_connection(
             os.close(fd)
         raise
     return PipeConnection(reader, writer, control)
-
-
-class BlockingFrameWriter:
-    """The worker's writer: whole frames, written by any thread, never interleaved.
-
-    The descriptor is blocking (or, for a socket whose reading side is
-    non-blocking, waited on until writable): a frame is written completely
-    before the next one starts, under a lock, so the worker's control thread can answer a Ping
-    while its event loop is busy running a sync handler.
-    """
-
-    def __init__(self, fd: int, encoder: FrameEncoder) -> None:
-        os.set_blocking(fd, True)
-        self._fd = fd
-        self._encoder = encoder
-        self._lock = threading.Lock()
-        self.closed = False
-
-    def write(self, data: bytes | bytearray) -> None:
-        """Write complete frames; raises BrokenPipeError once the pool is gone."""
-        with self._lock:
-            if self.closed:
-                raise BrokenPipeError("the worker's wire is closed")
-            view = memoryview(data)
-            write = os.write
-            fd = self._fd
-            while view:
-                try:
-                    view = view[write(fd, view) :]
-                except BlockingIOError:
-                    # A socket whose reading side made it non-blocking: wait for room.
-                    select.select((), (fd,), ())
-
-    def send_now(self, message: Any) -> None:
-        """Encode and write one message at once (from any thread)."""
-        self.write(self._encoder.encode(message))
-
-    def close(self) -> None:
-        with self._lock:
-            if not self.closed:
-                self.closed = True
-                os.close(self._fd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 from corral.worker import App, Context
@@ -200,7 +201,7 @@ async def produced() -> int:
 
 
 @app.handler
-async def ignore_sigterm() -> None:  # async: signal handlers belong to the main thread
+def ignore_sigterm() -> None:  # sync: signal handlers belong to the main thread
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -306,3 +307,36 @@ def thread_name() -> str:
     import threading
 
     return threading.current_thread().name
+
+
+@app.handler
+async def async_thread_name() -> str:
+    import threading
+
+    return threading.current_thread().name
+
+
+_flag = threading.Event()
+_async_done = threading.Event()
+
+
+@app.handler
+async def async_wait_for_flag(seconds: float):
+    """Runs on the loop while the main thread runs ``set_flag_and_wait_for_async``."""
+    yield "started"
+    flagged = await asyncio.to_thread(_flag.wait, seconds)
+    _async_done.set()
+    yield flagged
+
+
+@app.handler
+def set_flag_and_wait_for_async(seconds: float) -> bool:
+    _flag.set()
+    return _async_done.wait(seconds)
+
+
+@app.handler
+def loaded_modules() -> list[str]:
+    import sys
+
+    return sorted(sys.modules)

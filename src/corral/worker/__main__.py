@@ -13,8 +13,6 @@ imported or is not an App, 4 an ``on_startup`` hook failed, 5 an
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import ctypes
 import importlib
 import json
@@ -22,9 +20,14 @@ import os
 import signal
 import sys
 import traceback
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from .._framing import DEFAULT_MAX_MESSAGE_SIZE
 from ._app import App
+
+if TYPE_CHECKING:
+    import argparse
 
 SYS_PATH_ENV = "CORRAL_SYS_PATH"
 _PR_SET_PDEATHSIG = 1
@@ -70,7 +73,9 @@ def load_target(spec: str) -> App:
     return target
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="python -m corral.worker")
     parser.add_argument("target", help="MODULE:ATTR naming a corral.worker.App")
     parser.add_argument("--fds", default="0,1", help="READ,WRITE[,CONTROL] protocol descriptors")
@@ -78,7 +83,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE)
     parser.add_argument("--large-buffer-threshold", type=int, default=0)
     parser.add_argument("--shm-prefix", default="")
-    args = parser.parse_args(argv)
+    return parser
+
+
+_OPTIONS = {
+    "--fds": str,
+    "--worker-id": str,
+    "--max-message-size": int,
+    "--large-buffer-threshold": int,
+    "--shm-prefix": str,
+}
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace | SimpleNamespace:
+    """The command line as the launchers write it (``--option value`` pairs and a
+    target), read without argparse, which imports 2 MiB (shutil, gettext) into
+    every worker; anything else (``--help``, a mistake) goes to argparse."""
+    values: dict[str, Any] = {
+        "target": None,
+        "fds": "0,1",
+        "worker_id": f"w{os.getpid()}",
+        "max_message_size": DEFAULT_MAX_MESSAGE_SIZE,
+        "large_buffer_threshold": 0,
+        "shm_prefix": "",
+    }
+    rest = list(argv)
+    try:
+        while rest:
+            word = rest.pop(0)
+            option, equals, value = word.partition("=")
+            kind = _OPTIONS.get(option)
+            if kind is not None:
+                values[option[2:].replace("-", "_")] = kind(value if equals else rest.pop(0))
+            elif values["target"] is None and not word.startswith("-"):
+                values["target"] = word
+            else:
+                raise ValueError(word)
+    except (ValueError, IndexError):
+        return _parser().parse_args(argv)  # exits with argparse's message
+    if values["target"] is None:
+        return _parser().parse_args(argv)
+    return SimpleNamespace(**values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
     fds = [int(x) for x in args.fds.split(",")]
     read_fd, write_fd = fds[0], fds[1]
     control_fd = fds[2] if len(fds) > 2 else None
@@ -103,14 +152,26 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(3)
 
     from .._shm import LargeBuffers
-    from ._runtime import serve
 
     large = None
     if args.large_buffer_threshold > 0:
         large = LargeBuffers(args.shm_prefix, args.large_buffer_threshold, "w")
-    code = asyncio.run(
-        serve(app, args.worker_id, read_fd, write_fd, args.max_message_size, control_fd, large)
-    )
+    if app.sync_mode == "thread":  # sync handlers on a thread of their own: the loop reads
+        import asyncio
+
+        from ._runtime import serve as serve_on_loop
+
+        code = asyncio.run(
+            serve_on_loop(
+                app, args.worker_id, read_fd, write_fd, args.max_message_size, control_fd, large
+            )
+        )
+    else:  # the main thread reads and runs sync handlers; async code gets a loop thread
+        from ._main_thread import serve
+
+        code = serve(
+            app, args.worker_id, read_fd, write_fd, args.max_message_size, control_fd, large
+        )
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -86,7 +86,8 @@ def _native_threads() -> int:
 def _preload(sock: socket.socket, modules: list[str]) -> None:
     """Import corral's worker runtime and the preload modules; exit 3 on failure."""
     importlib.import_module("corral.worker.__main__")
-    importlib.import_module("corral.worker._runtime")
+    importlib.import_module("corral.worker._main_thread")
+    importlib.import_module("corral.worker._runtime")  # sync_mode="thread" apps
     importlib.import_module("concurrent.futures.thread")  # the sync lane's, imported lazily
     for name in modules:
         try:
