@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -310,3 +311,20 @@ def test_corral_ray_without_ray_names_the_extra_to_install() -> None:
     )
     assert run.returncode != 0
     assert "pip install 'corral[ray]'" in run.stderr, run.stderr
+
+
+async def test_status_says_which_node_each_placed_worker_runs_on() -> None:
+    async with Pool(TARGET, size=2, launcher=SubprocessShimLauncher()) as pool:
+        await pool.call("remember", "k", 1, session="s")
+        status = pool.status()
+        host = socket.gethostname()
+        assert {(w.node_id, w.node_address) for w in status.workers} == {(host, "127.0.0.1")}
+        (node,) = status.nodes
+        assert (node.id, node.address, node.workers, node.ready) == (host, "127.0.0.1", 2, 2)
+        assert node.sessions == 1
+        body = status.to_dict()
+        assert body["nodes"][0]["id"] == host
+        assert all(w["node_id"] == host for w in body["workers"])
+    # A local pool has no nodes to show.
+    async with Pool(TARGET, size=1) as local:
+        assert local.status().nodes == () and local.status().workers[0].node_id is None

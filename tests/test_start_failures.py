@@ -53,9 +53,7 @@ class _FailingStarts:
 
 def test_only_placement_errors_are_exempt_from_the_budget() -> None:
     assert counts_against_restart_budget(corral.WorkerStartError("bad target"))
-    assert not counts_against_restart_budget(
-        corral.PlacementError("node died", cause="node_lost")
-    )
+    assert not counts_against_restart_budget(corral.PlacementError("node died", cause="node_lost"))
     assert isinstance(corral.PlacementError("x", cause="placement"), corral.WorkerStartError)
 
 

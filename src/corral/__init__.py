@@ -29,7 +29,7 @@ from ._errors import (
 )
 from ._pool import CallStream, Pool, WorkerLease
 from ._stats import LatencyHistogram, PoolStats
-from ._status import Eviction, PoolStatus, QueueInfo, WorkerInfo
+from ._status import Eviction, NodeInfo, PoolStatus, QueueInfo, WorkerInfo
 
 __version__ = "0.1.0"
 """corral's version."""
@@ -42,6 +42,7 @@ __all__ = [
     "Eviction",
     "LatencyHistogram",
     "MethodNotFound",
+    "NodeInfo",
     "PayloadTooLarge",
     "PlacementError",
     "Pool",
