@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,23 +85,20 @@ async def _caller(pool: Any, index: int, stop_at: float, tally: Tally, events: l
                 await asyncio.sleep(0.05)
 
 
-def _capacity(cluster: Any, workers: int, cpus_per_node: int) -> int:
-    alive = len(cluster.worker_nodes)
-    return min(workers, alive * cpus_per_node)
-
-
 async def _watch(pool: Any, events: list[Event], stop_at: float) -> None:
     """Poll status() (50 ms) for each event's detection and return to full size."""
     loop = asyncio.get_running_loop()
     while loop.time() < stop_at:
-        if events and all(e.full is not None for e in events):
-            return
+        if events and events[-1].full is not None:
+            return  # the last event is settled: the earlier ones were, or were cut short
         now = time.monotonic()
         status = pool.status()
         ready_nodes = [w.node_id for w in status.workers if w.state in ("ready", "busy")]
-        for event in events:
+        for number, event in enumerate(events):
             if event.done_at is None:
                 continue
+            if any(later.done_at is not None for later in events[number + 1 :]):
+                continue  # the next event came first: this one's figures stop here
             since = now - event.done_at
             if event.what == "remove" and event.detected is None and event.node not in ready_nodes:
                 event.detected = since
@@ -113,13 +111,87 @@ async def _watch(pool: Any, events: list[Event], stop_at: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def run(args: argparse.Namespace) -> int:
+@dataclass
+class _Shared:
+    """What the pool's thread and the main thread (which drives the cluster) share."""
+
+    ready: threading.Event = field(default_factory=threading.Event)
+    loop: asyncio.AbstractEventLoop | None = None
+    pool: Any = None
+    load_started: float = 0.0
+    load_elapsed: float = 0.0
+    tally: Tally = field(default_factory=Tally)
+    stats: Any = None
+    error: BaseException | None = None
+
+
+async def _busiest(pool: Any) -> str:
+    return str(pool.status().nodes[0].id)
+
+
+async def _serve(args: argparse.Namespace, events: list[Event], shared: _Shared) -> None:
+    """The pool and its callers, on this thread's own event loop."""
+    import corral
+    from corral.ray import RayLauncher
+
+    launcher = RayLauncher(
+        host="127.0.0.1", num_cpus=1, scheduling_strategy="SPREAD", start_timeout=args.start_timeout
+    )
+    pool = corral.Pool(
+        TARGET,
+        size=args.workers,
+        launcher=launcher,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        restart_backoff=args.restart_backoff,
+        restart_backoff_max=args.restart_backoff_max,
+        startup_timeout=120,
+    )
+    started = time.monotonic()
+    async with pool:
+        await pool.wait_ready(timeout=300)
+        print(
+            f"pool of {args.workers} ready over {args.nodes} nodes in "
+            f"{time.monotonic() - started:.1f} s: "
+            + ", ".join(f"{n.id[:8]}={n.workers}" for n in pool.status().nodes),
+            flush=True,
+        )
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + args.duration
+        shared.loop, shared.pool = loop, pool
+        shared.load_started = time.monotonic()
+        shared.ready.set()
+        tasks = [
+            asyncio.ensure_future(_caller(pool, i, stop_at, shared.tally, events))
+            for i in range(args.callers)
+        ]
+        # The watch outlives the load by up to --settle seconds: a return to
+        # full size that takes longer than the run is still measured.
+        watcher = asyncio.ensure_future(_watch(pool, events, stop_at + args.settle))
+        await asyncio.gather(*tasks)
+        shared.load_elapsed = time.monotonic() - shared.load_started
+        await watcher
+        shared.stats = pool.stats()
+
+
+def _serve_in_thread(args: argparse.Namespace, events: list[Event], shared: _Shared) -> None:
+    try:
+        asyncio.run(_serve(args, events, shared))
+    except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+        shared.error = exc
+    finally:
+        shared.ready.set()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Ray's cluster on this (main) thread, where it must be; the pool on its own thread.
+
+    Adding a node blocks for seconds (and must run on the main thread): the
+    pool's event loop must not wait for it.
+    """
     import ray
     import structlog
     from ray.cluster_utils import Cluster
-
-    import corral
-    from corral.ray import RayLauncher
 
     # corral's events (worker.lost, worker.placement_failed...) would drown the figures.
     structlog.configure(
@@ -135,71 +207,42 @@ async def run(args: argparse.Namespace) -> int:
         initialize_head=True,
         head_node_args={"num_cpus": 0, "_system_config": dict(system_config)},
     )
+    shared = _Shared()
+    thread = threading.Thread(target=_serve_in_thread, args=(args, events, shared), name="pool")
     try:
         for _ in range(args.nodes):
             cluster.add_node(num_cpus=args.cpus_per_node)
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
-        launcher = RayLauncher(
-            host="127.0.0.1",
-            num_cpus=1,
-            scheduling_strategy="SPREAD",
-            start_timeout=args.start_timeout,
-        )
-        pool = corral.Pool(
-            TARGET,
-            size=args.workers,
-            launcher=launcher,
-            heartbeat_interval=args.heartbeat_interval,
-            heartbeat_timeout=args.heartbeat_timeout,
-            restart_backoff=args.restart_backoff,
-            restart_backoff_max=args.restart_backoff_max,
-            startup_timeout=120,
-        )
-        started = time.monotonic()
-        async with pool:
-            await pool.wait_ready(timeout=300)
+        thread.start()
+        shared.ready.wait()
+        for event in events:
+            if shared.error is not None or shared.loop is None:
+                break
+            time.sleep(max(0.0, shared.load_started + event.at - time.monotonic()))
+            alive = len(cluster.worker_nodes)
+            if event.what == "remove":
+                busiest = asyncio.run_coroutine_threadsafe(
+                    _busiest(shared.pool), shared.loop
+                ).result(30)
+                node = next(n for n in cluster.worker_nodes if n.node_id == busiest)
+                event.node = node.node_id
+                event.capacity = min(args.workers, (alive - 1) * args.cpus_per_node)
+                event.done_at = time.monotonic()
+                cluster.remove_node(node, allow_graceful=False)
+            else:
+                node = cluster.add_node(num_cpus=args.cpus_per_node)
+                event.node = node.node_id
+                event.capacity = min(args.workers, (alive + 1) * args.cpus_per_node)
+                event.done_at = time.monotonic()  # from when the node has joined Ray
             print(
-                f"pool of {args.workers} ready over {args.nodes} nodes in "
-                f"{time.monotonic() - started:.1f} s: "
-                + ", ".join(f"{n.id[:8]}={n.workers}" for n in pool.status().nodes),
+                f"t={event.done_at - shared.load_started:5.1f}s {event.what} node "
+                f"{event.node[:8]}: the cluster holds {event.capacity} workers",
                 flush=True,
             )
-            loop = asyncio.get_running_loop()
-            stop_at = loop.time() + args.duration
-            tally = Tally()
-            load_started = time.monotonic()
-            tasks = [
-                asyncio.ensure_future(_caller(pool, i, stop_at, tally, events))
-                for i in range(args.callers)
-            ]
-            # The watch outlives the load by up to --settle seconds: a return to
-            # full size that takes longer than the run is still measured.
-            watcher = asyncio.ensure_future(_watch(pool, events, stop_at + args.settle))
-            for event in events:
-                await asyncio.sleep(max(0.0, load_started + event.at - time.monotonic()))
-                # In a thread: the cluster's calls block, the pool's loop must not.
-                if event.what == "remove":
-                    busiest = pool.status().nodes[0].id
-                    node = next(n for n in cluster.worker_nodes if n.node_id == busiest)
-                    event.node = node.node_id
-                    event.done_at = time.monotonic()
-                    await asyncio.to_thread(cluster.remove_node, node, allow_graceful=False)
-                else:
-                    # Timed from when the node has joined Ray (add_node waits for that).
-                    node = await asyncio.to_thread(cluster.add_node, num_cpus=args.cpus_per_node)
-                    event.node = node.node_id
-                    event.done_at = time.monotonic()
-                event.capacity = _capacity(cluster, args.workers, args.cpus_per_node)
-                print(
-                    f"t={time.monotonic() - load_started:5.1f}s {event.what} node "
-                    f"{event.node[:8]}: the cluster holds {event.capacity} workers",
-                    flush=True,
-                )
-            await asyncio.gather(*tasks)
-            load_elapsed = time.monotonic() - load_started
-            await watcher
-            stats = pool.stats()
-        _report(args, events, tally, stats, load_elapsed, system_config)
+        thread.join()
+        if shared.error is not None:
+            raise shared.error
+        _report(args, events, shared.tally, shared.stats, shared.load_elapsed, system_config)
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
@@ -208,7 +251,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def _seconds(value: float | None) -> str:
-    return "not within the run" if value is None else f"{value:.2f} s"
+    return "not before the next event or the end" if value is None else f"{value:.2f} s"
 
 
 def _report(
@@ -281,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.duration > 600:
         parser.error("--duration must be in (0, 600] seconds")
-    return asyncio.run(run(args))
+    return run(args)
 
 
 if __name__ == "__main__":

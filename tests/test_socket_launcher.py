@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -328,3 +329,44 @@ async def test_status_says_which_node_each_placed_worker_runs_on() -> None:
     # A local pool has no nodes to show.
     async with Pool(TARGET, size=1) as local:
         assert local.status().nodes == () and local.status().workers[0].node_id is None
+
+
+class _TellsWhenLaunched(SubprocessShimLauncher):
+    """Sets ``launched`` once a shim has connected back and started its worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launched = asyncio.Event()
+
+    async def launch(self, spec: WorkerSpec, events: Any) -> Any:
+        worker = await super().launch(spec, events)
+        self.launched.set()
+        return worker
+
+
+async def test_a_worker_lost_before_its_hello_is_a_placement_failure_not_its_own() -> None:
+    from corral._handle import WorkerHandle
+
+    launcher = _TellsWhenLaunched()
+    handle = WorkerHandle(
+        WorkerSpec("lost-1", "tests.workers.slow_start:app", max_message_size=2**20),
+        launcher,
+        max_concurrency=1,
+        cancel_grace=1.0,
+        on_capacity=lambda worker: None,
+        on_exit=lambda worker: None,
+        pool_name="test",
+    )
+    start = asyncio.ensure_future(handle.start(60))
+    try:
+        # The shim connected and started the worker, which is still loading.
+        await asyncio.wait_for(launcher.launched.wait(), 30)
+        assert handle._launched is not None
+        psutil.Process(handle._launched.placement.process.pid).kill()  # type: ignore[attr-defined]
+        with pytest.raises(corral.PlacementError) as info:
+            await asyncio.wait_for(start, 30)
+        assert info.value.cause == "lost"
+        assert "lost during start-up" in str(info.value)
+    finally:
+        start.cancel()
+        await handle.shutdown(1.0, 1.0)
