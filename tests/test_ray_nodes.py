@@ -135,7 +135,7 @@ async def test_a_lost_node_costs_no_restart_budget_and_a_new_node_refills_the_po
         assert busiest.workers == 2
         doomed = next(n for n in cluster.worker_nodes if n.node_id == busiest.id)
         calls = {
-            f"s{i}": asyncio.ensure_future(pool.call("sleep", 120, session=f"s{i}"))
+            f"s{i}": asyncio.ensure_future(pool.call("async_sleep", 120, session=f"s{i}"))
             for i in range(3)
         }
         assert await pool._wait_until(lambda: pool.stats().inflight == 3, 30)

@@ -12,8 +12,10 @@
 Owns: turning each worker start into one Ray actor (its resources, runtime
 environment and scheduling options), and what Ray says about it: a request
 Ray cannot place (it stays pending forever) ends at ``start_timeout`` with the
-actor killed and a ``WorkerStartError`` naming what was asked for; an actor
-that dies is a backstop for noticing a lost worker. Must not touch: the calls
+actor killed and a ``PlacementError`` naming what was asked for; an actor
+that dies before its shim connected back is a ``PlacementError`` too (the
+launcher asks Ray whether its node died), never the worker's failure; an
+actor that dies later is a backstop for noticing a lost worker. Must not touch: the calls
 (they go over corral's own sockets, straight from the pool to the worker, never
 through Ray's RPC), supervision (corral restarts workers: every actor has
 ``max_restarts=0``), or the shim's work (``_shim``). See docs/scale-out.md.
@@ -133,8 +135,10 @@ def _actor_node(actor_id: str) -> str | None:
         info = state.actors(actor_id=actor_id)
     except (ImportError, AttributeError, ray.exceptions.RayError, ValueError, KeyError):
         return None
-    node = ((info or {}).get("Address") or {}).get("NodeID") if isinstance(info, dict) else None
-    return str(node) if node and node.strip("0") else None
+    if not isinstance(info, dict):
+        return None
+    node = (info.get("Address") or {}).get("NodeID")
+    return str(node) if node and str(node).strip("0") else None  # all zeros: not placed
 
 
 def node_alive(node_id: str) -> bool | None:
