@@ -15,8 +15,10 @@ import os
 import signal
 import sys
 import textwrap
+import time
 
 import pytest
+from structlog.testing import capture_logs
 
 from corral import Pool
 from corral._socket_launcher import SubprocessShimLauncher
@@ -84,24 +86,30 @@ async def test_strangers_filling_every_handshake_slot_do_not_keep_a_replacement_
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
-        try:
-            assert flooder.stdout is not None
-            assert await asyncio.wait_for(flooder.stdout.readline(), 30) == b"flooding\n"
-            # Every slot is taken and strangers are being turned away.
-            await asyncio.wait_for(listener.wait_rejected(listener.max_pending), 30)
-            os.kill(pid, signal.SIGKILL)
-            assert await pool._wait_until(lambda: pool.stats().restarts >= 1, 30)
-            await pool.wait_ready(timeout=60)
-            assert await pool.call("pid") != pid
-            stats = pool.stats()
-            assert stats.failed_starts == 0, pool.status().evictions
-            assert not stats.failed
-            assert listener.busy > listener.max_pending  # the flood went on meanwhile
-        finally:
-            assert flooder.stdin is not None
-            flooder.stdin.close()
+        with capture_logs() as logged:
+            flood_started = time.monotonic()
             try:
-                await asyncio.wait_for(flooder.wait(), 10)
-            except TimeoutError:
-                flooder.kill()
-                await flooder.wait()
+                assert flooder.stdout is not None
+                assert await asyncio.wait_for(flooder.stdout.readline(), 30) == b"flooding\n"
+                # Every slot is taken and strangers are being turned away.
+                await asyncio.wait_for(listener.wait_rejected(listener.max_pending), 30)
+                os.kill(pid, signal.SIGKILL)
+                assert await pool._wait_until(lambda: pool.stats().restarts >= 1, 30)
+                await pool.wait_ready(timeout=60)
+                assert await pool.call("pid") != pid
+                stats = pool.stats()
+                assert stats.failed_starts == 0, pool.status().evictions
+                assert not stats.failed
+                assert listener.busy > listener.max_pending  # the flood went on meanwhile
+                # One warning a second at most, each with its count: the log is not flooded.
+                refusals = [e for e in logged if e["event"] == "listener.too_many_handshakes"]
+                assert 1 <= len(refusals) <= time.monotonic() - flood_started + 1
+                assert sum(e["refused"] for e in refusals) <= listener.busy
+            finally:
+                assert flooder.stdin is not None
+                flooder.stdin.close()
+                try:
+                    await asyncio.wait_for(flooder.wait(), 10)
+                except TimeoutError:
+                    flooder.kill()
+                    await flooder.wait()

@@ -26,6 +26,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -70,6 +71,7 @@ _SUPERVISION_LIMIT = 1024 * 1024
 _MAX_PENDING_HANDSHAKES = 64
 _ACCEPT_BURST = 32
 _PLACEMENT_END_GRACE = 1.0  # after the placement ends, how long the exit status may take
+_BUSY_LOG_INTERVAL = 1.0  # refusals for load: at most one warning (with a count) this often
 
 _log = structlog.get_logger("corral")
 
@@ -103,6 +105,8 @@ class Listener:
         self.tickets = TicketBook()
         self.rejected = 0
         self.busy = 0  # connections closed at once: every shared slot was taken
+        self._busy_logged = 0  # ``busy`` when the last warning about it was logged
+        self._busy_logged_at = -_BUSY_LOG_INTERVAL
         self._requested_port = port
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,12 +168,25 @@ class Listener:
             else:
                 self.busy += 1
                 self._rejected()
-                _log.warning("listener.too_many_handshakes", peer=str(peer))
+                self._log_refusal(peer)
                 conn.close()
                 continue
             task = self._loop.create_task(self._admit(conn, peer))
             slots.add(task)
             task.add_done_callback(slots.discard)
+
+    def _log_refusal(self, peer: Any) -> None:
+        """One warning per second at most, with the count: a flood must not flood the log."""
+        now = time.monotonic()
+        if now - self._busy_logged_at >= _BUSY_LOG_INTERVAL:
+            _log.warning(
+                "listener.too_many_handshakes",
+                peer=str(peer),
+                refused=self.busy - self._busy_logged,
+                max_pending=self.max_pending,
+            )
+            self._busy_logged_at = now
+            self._busy_logged = self.busy
 
     def _knocks_for_a_launch(self, conn: socket.socket) -> bool:
         """Whether the peer's knock, already received, names a launch still waiting for it.
