@@ -326,6 +326,14 @@ async def test_status_says_which_node_each_placed_worker_runs_on() -> None:
         body = status.to_dict()
         assert body["nodes"][0]["id"] == host
         assert all(w["node_id"] == host for w in body["workers"])
+        # corral top shows a node column and a nodes table.
+        rich = pytest.importorskip("rich.console")
+        from corral._top import render
+
+        console = rich.Console(record=True, width=200)
+        console.print(render(json.loads(json.dumps(body))))
+        screen = console.export_text()
+        assert "nodes" in screen and f"{host} 127.0.0.1" in screen, screen
     # A local pool has no nodes to show.
     async with Pool(TARGET, size=1) as local:
         assert local.status().nodes == () and local.status().workers[0].node_id is None
