@@ -60,9 +60,13 @@ def _parse_events(text: str) -> list[Event]:
     events = []
     for part in filter(None, text.split(",")):
         at, _, what = part.partition(":")
-        if what not in ("remove", "add"):
-            raise SystemExit(f"--events: {part!r} is not SECONDS:remove or SECONDS:add")
-        events.append(Event(float(at), what))
+        try:
+            seconds = float(at)
+        except ValueError:
+            seconds = -1.0
+        if what not in ("remove", "add") or not 0 <= seconds < 600:
+            raise argparse.ArgumentTypeError(f"{part!r} is not SECONDS:remove or SECONDS:add")
+        events.append(Event(seconds, what))
     return sorted(events, key=lambda e: e.at)
 
 
@@ -198,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
-    events = _parse_events(args.events)
+    events: list[Event] = args.events
     system_config = {
         "health_check_period_ms": args.health_check_period_ms,
         "health_check_failure_threshold": args.health_check_failure_threshold,
@@ -305,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument(
         "--events",
+        type=_parse_events,
         default="8:remove,14:add",
         help="SECONDS:remove or SECONDS:add, comma-separated (default: 8:remove,14:add)",
     )

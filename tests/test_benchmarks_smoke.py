@@ -97,3 +97,23 @@ def test_every_system_is_an_async_context_manager() -> None:
             continue
         system = factory()
         assert hasattr(system, "__aenter__") and hasattr(system, "__aexit__"), name
+
+
+def test_the_node_loss_run_explains_itself_and_refuses_a_bad_schedule() -> None:
+    # The run itself needs a simulated Ray cluster and minutes: docs/scale-out.md
+    # records one. Here: its options, and a clear one-line refusal.
+    shown = subprocess.run(
+        [sys.executable, "-m", "benchmarks.node_loss", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0 and "--events" in shown.stdout, shown.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "benchmarks.node_loss", "--events", "8:explode"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "'8:explode' is not SECONDS:remove or SECONDS:add" in refused.stderr
