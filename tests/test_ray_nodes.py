@@ -95,6 +95,18 @@ def _launcher(**options: Any) -> RayLauncher:
     return RayLauncher(host="127.0.0.1", num_cpus=1, scheduling_strategy="SPREAD", **options)
 
 
+async def _all_cpus_free(cluster: Any, timeout: float) -> bool:
+    """Wait (bounded) until Ray counts every CPU of the cluster's nodes free."""
+    total = CPUS_PER_NODE * len(cluster.worker_nodes)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while ray.available_resources().get("CPU", 0) < total:
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.2)  # Ray offers no event for it: poll its counters
+    return True
+
+
 def _ready_by_node(pool: Pool) -> dict[str, int]:
     return {n.id: n.ready for n in pool.status().nodes if n.ready}
 
@@ -102,7 +114,9 @@ def _ready_by_node(pool: Pool) -> dict[str, int]:
 @pytest.mark.timeout(300)
 async def test_status_shows_the_ray_node_of_each_worker(cluster: Any) -> None:
     nodes = {node.node_id for node in cluster.worker_nodes}
+    assert await _all_cpus_free(cluster, 60)
     async with Pool(TARGET, size=2, launcher=_launcher()) as pool:
+        await pool.wait_ready(timeout=120)
         await pool.call("remember", "k", 1, session="s")
         status = pool.status()
         # SPREAD: one worker on each node, each shown with Ray's id for its node.
@@ -121,6 +135,8 @@ async def test_a_lost_node_costs_no_restart_budget_and_a_new_node_refills_the_po
 ) -> None:
     # Three workers over two 2-CPU nodes; when the busier node goes, the other
     # holds two, the third start cannot be placed until a node is added.
+    # First, every CPU free again: Ray releases an earlier test's actors on its own time.
+    assert await _all_cpus_free(cluster, 60)
     async with Pool(
         TARGET,
         size=3,
@@ -131,6 +147,7 @@ async def test_a_lost_node_costs_no_restart_budget_and_a_new_node_refills_the_po
         heartbeat_interval=1.0,
         heartbeat_timeout=5.0,
     ) as pool:
+        await pool.wait_ready(timeout=120)
         busiest = pool.status().nodes[0]
         assert busiest.workers == 2
         doomed = next(n for n in cluster.worker_nodes if n.node_id == busiest.id)
