@@ -56,15 +56,19 @@ def _corral_processes() -> list[psutil.Process]:
 def cluster() -> Iterator[Any]:
     before = {p.pid for p in _descendants()}
     temp_dir = tempfile.mkdtemp(prefix="crn")  # Ray's socket paths must stay short
-    made = cluster_utils.Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "temp_dir": temp_dir,
-            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
-        },
-    )
+    made = None
     try:
+        made = cluster_utils.Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "temp_dir": temp_dir,
+                "_system_config": {
+                    "health_check_period_ms": 500,
+                    "health_check_failure_threshold": 4,
+                },
+            },
+        )
         for _ in range(2):
             made.add_node(num_cpus=CPUS_PER_NODE)
         ray.init(address=made.address, log_to_driver=False, logging_level=logging.ERROR)
@@ -72,7 +76,8 @@ def cluster() -> Iterator[Any]:
     finally:
         started = [p for p in _descendants() if p.pid not in before]
         ray.shutdown()
-        made.shutdown()
+        if made is not None:
+            made.shutdown()
         _, alive = psutil.wait_procs(started, timeout=30)
         for proc in alive:  # only what this module started, by pid
             proc.kill()
