@@ -148,3 +148,23 @@ def test_routing_benchmark_prints_the_overhead_of_the_front() -> None:
     assert run.returncode == 0, run.stderr
     assert "stand-in pool (the front's own cost): direct median" in run.stdout
     assert "front+rule overhead: median" in run.stdout
+
+
+def test_the_node_loss_run_explains_itself_and_refuses_a_bad_schedule() -> None:
+    # The run itself needs a simulated Ray cluster and minutes: docs/scale-out.md
+    # records one. Here: its options, and a clear one-line refusal.
+    shown = subprocess.run(
+        [sys.executable, "-m", "benchmarks.node_loss", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0 and "--events" in shown.stdout, shown.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "benchmarks.node_loss", "--events", "8:explode"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "'8:explode' is not SECONDS:remove or SECONDS:add" in refused.stderr

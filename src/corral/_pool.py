@@ -43,6 +43,7 @@ from ._errors import (
     SessionLost,
     WorkerCrashed,
     WorkerStartError,
+    counts_against_restart_budget,
     describe_exit,
 )
 from ._handle import _END, PendingCall, WorkerHandle
@@ -217,6 +218,7 @@ class Pool:
         self._last_start_error: WorkerStartError | None = None
         self._restarts = 0
         self._failed_starts = 0
+        self._placement_failures = 0
         self._calls_ok = 0
         self._calls_failed: collections.Counter[str] = collections.Counter()
         self._calls_cancelled = 0
@@ -522,6 +524,7 @@ class Pool:
             calls_ok=self._calls_ok,
             calls_failed=dict(self._calls_failed),
             calls_cancelled=self._calls_cancelled,
+            placement_failures=self._placement_failures,
             latency=self._latency.snapshot(),
         )
 
@@ -917,8 +920,14 @@ class Pool:
             self._workers.remove(worker)
         now = time.monotonic()
         self._failed_starts += 1
-        self._consecutive_failures += 1
-        self._start_failures.append(now)
+        self._consecutive_failures += 1  # backoff grows either way
+        # The restart budget's one rule: only the worker's own failures count
+        # (not a placement, a lost node or a flooded listener: PlacementError).
+        counted = counts_against_restart_budget(error)
+        if counted:
+            self._start_failures.append(now)
+        else:
+            self._placement_failures += 1
         while self._start_failures and self._start_failures[0] < now - self.config.restart_window:
             self._start_failures.popleft()
         if not isinstance(error, WorkerStartError):
@@ -927,7 +936,11 @@ class Pool:
             )
         self._last_start_error = error
         self._log.warning(
-            "worker.start_failed", worker_id=worker.id, pid=worker.pid, error=error.message
+            "worker.start_failed" if counted else "worker.placement_failed",
+            worker_id=worker.id,
+            pid=worker.pid,
+            error=error.message,
+            **({} if counted else {"cause": getattr(error, "cause", None)}),
         )
         if self._state in ("starting", "open"):
             self._evictions.start_failed(worker, error.message)
