@@ -66,3 +66,9 @@ def die_while_writing(size: int) -> bytes:
 
     corral._shm._fill = half_then_die
     return pattern(size)
+
+
+@app.handler
+def make_many(n: int, size: int) -> list[bytes]:
+    """A list of ``n`` buffers of ``size`` bytes: each under the threshold or not."""
+    return [pattern(size) for _ in range(n)]
