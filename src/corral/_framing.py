@@ -96,7 +96,13 @@ class FrameEncoder:
         size = len(buffer) - start - HEADER_SIZE
         if large is not None and size > large.threshold:
             # A buffer over the threshold may be nested deeper than ``wants`` looks.
-            offloaded = large.offload(message, self.max_size)
+            try:
+                offloaded = large.offload(message, self.max_size)
+            except BaseException:
+                # Over the limit, or not walkable: the frame begun above must not
+                # stay, or the next one would follow a zero header.
+                del buffer[start:]
+                raise
             if offloaded is not None:
                 del buffer[start:]
                 return self._append_offloaded(offloaded, buffer, large)
