@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 
 import pytest
 from tests.workers.large import pattern
@@ -28,7 +29,12 @@ LIMIT = 2 * MIB
 
 
 def segments(prefix: str) -> list[str]:
-    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
+    """Segments in flight (not those a sender keeps for reuse: ``<p|w>s<k>``)."""
+    return sorted(
+        name
+        for name in os.listdir(SHM_DIR)
+        if name.startswith(prefix) and not re.search(r"-[pw]s\d+$", name)
+    )
 
 
 OVERSIZE_NESTED = [
