@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +253,7 @@ async def test_a_frame_with_python_objects_is_refused_naming_pandas() -> None:
     pd = pytest.importorskip("pandas")
     pytest.importorskip("pyarrow")
     async with PATHS["shm"]() as pool:
-        with pytest.raises(corral.EncodeError, match="pandas.DataFrame"):
+        with pytest.raises(corral.EncodeError, match=r"pandas\.DataFrame"):
             await pool.call("echo", pd.DataFrame({"x": [object(), object()]}))
 
 
