@@ -40,6 +40,9 @@ EXTENSIONS = frozenset((ARRAY_EXT, ARROW_EXT, PANDAS_EXT))
 
 _encode = msgspec.msgpack.encode
 _MAX_DIMS = 64  # numpy's own limit
+# numpy's descr conversions are Python code: cached for the dtypes seen.
+_DESCRS: dict[Any, Any] = {}
+_DTYPES: dict[str, Any] = {}
 
 
 class OverLimit(Exception):
@@ -138,7 +141,11 @@ class ArrayCodec:
                 f"numpy.ndarray of dtype {dtype} cannot be sent: only fixed-size dtypes "
                 "travel without pickle"
             )
-        descr = np.lib.format.dtype_to_descr(dtype)
+        descr = _DESCRS.get(dtype)
+        if descr is None:
+            descr = np.lib.format.dtype_to_descr(dtype)
+            if len(_DESCRS) < 256:
+                _DESCRS[dtype] = descr
         if array.flags.c_contiguous:
             order, contiguous = "C", array
         elif array.flags.f_contiguous:
@@ -243,7 +250,11 @@ def _read_ndarray(payload: list[Any], buffer: Any) -> Any:
         or order not in ("C", "F")
     ):
         raise ProtocolError(f"malformed array extension: shape {shape!r}, order {order!r}")
-    dtype = np.lib.format.descr_to_dtype(_tuples(descr))
+    dtype = _DTYPES.get(descr) if isinstance(descr, str) else None
+    if dtype is None:
+        dtype = np.lib.format.descr_to_dtype(_tuples(descr))
+        if isinstance(descr, str) and len(_DTYPES) < 256:
+            _DTYPES[descr] = dtype
     if dtype.hasobject:
         raise ProtocolError("array extension with an object dtype")
     count = math.prod(shape)
