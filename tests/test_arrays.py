@@ -360,3 +360,36 @@ def test_a_pool_without_arrays_imports_none_of_their_libraries() -> None:
     assert done.returncode == 0, done.stderr
     said = [line for line in done.stdout.splitlines() if line.startswith(("worker:", "pool:"))]
     assert said == ["worker: []", "pool: []"]
+
+
+# --- crashes and cancellation -----------------------------------------------------------
+
+
+async def test_a_worker_killed_while_writing_an_array_leaves_no_segment() -> None:
+    async with PATHS["shm"]() as pool:
+        prefix = pool.workers[0].spec.shm_prefix
+        with pytest.raises(corral.WorkerCrashed):
+            await pool.call("die_while_writing", 1 << 20)
+        assert segments(prefix, pooled=True) == []
+        await pool.wait_ready(timeout=30)
+        assert float((await pool.call("filled", 1 << 16, 2.0)).sum()) == 2.0 * (1 << 16)
+
+
+async def test_a_cancelled_call_with_a_large_array_leaves_no_segment(tmp_path: Path) -> None:
+    async with PATHS["shm"]() as pool:
+        worker = pool.workers[0]
+        fifo = tmp_path / "go"
+        os.mkfifo(fifo)
+        blocked = asyncio.ensure_future(pool.call("wait_for_fifo", str(fifo), 1))
+        writer = await asyncio.to_thread(open, fifo, "wb", buffering=0)
+        queued = asyncio.ensure_future(pool.call("echo", np.ones(1 << 18)))
+        assert await pool._wait_until(lambda: worker.inflight == 2, 5)
+        assert segments(worker.spec.shm_prefix) != []  # the argument, in /dev/shm
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        with writer:
+            writer.write(b"g")
+        assert await blocked == 1
+        assert same_array(np.arange(4), await pool.call("echo", np.arange(4)))
+        assert segments(worker.spec.shm_prefix) == []

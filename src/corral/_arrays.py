@@ -146,13 +146,20 @@ class ArrayCodec:
             descr = np.lib.format.dtype_to_descr(dtype)
             if len(_DESCRS) < 256:
                 _DESCRS[dtype] = descr
-        if array.flags.c_contiguous:
+        flags = array.flags
+        if flags.c_contiguous:
             order, contiguous = "C", array
-        elif array.flags.f_contiguous:
+        elif flags.f_contiguous:
             order, contiguous = "F", array.T  # the same bytes, C-contiguous
         else:
             order, contiguous = "C", np.ascontiguousarray(array)  # strided: one copy
-        raw = memoryview(contiguous.reshape(-1).view(np.uint8)) if array.nbytes else memoryview(b"")
+        if not array.nbytes:
+            raw = memoryview(b"")
+        elif dtype.kind in "biuf" and dtype.isnative:
+            raw = memoryview(contiguous)  # a native format: cast to bytes without a copy
+        else:
+            # no (native) buffer format for these: their bytes, as unsigned bytes
+            raw = memoryview(contiguous.reshape(-1).view(np.uint8))
         payload = [descr, list(array.shape), order, self._buffer(raw)]
         return msgspec.msgpack.Ext(ARRAY_EXT, _encode(payload))
 
@@ -244,10 +251,10 @@ def _read_ndarray(payload: list[Any], buffer: Any) -> Any:
         raise ProtocolError("malformed array extension: expected 4 fields")
     descr, shape, order, _ = payload
     if (
-        not isinstance(shape, list)
+        type(shape) is not list
         or len(shape) > _MAX_DIMS
-        or not all(isinstance(n, int) and n >= 0 for n in shape)
         or order not in ("C", "F")
+        or any(type(n) is not int or n < 0 for n in shape)
     ):
         raise ProtocolError(f"malformed array extension: shape {shape!r}, order {order!r}")
     dtype = _DTYPES.get(descr) if isinstance(descr, str) else None
