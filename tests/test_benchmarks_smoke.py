@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,3 +99,20 @@ def test_every_system_is_an_async_context_manager() -> None:
             continue
         system = factory()
         assert hasattr(system, "__aenter__") and hasattr(system, "__aexit__"), name
+
+
+def test_the_array_benchmark_prints_every_figure_and_ratio() -> None:
+    pytest.importorskip("numpy")
+    pytest.importorskip("pyarrow")
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.arrays", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert run.returncode == 0, run.stderr
+    for figure in ("64 MiB float64 ndarray", "Arrow table 100,000 x 10", "1 KiB ndarray"):
+        assert figure in run.stdout
+    assert "corral is" in run.stdout and "x ProcessPoolExecutor" in run.stdout
+    assert "peak of corral's named segments" in run.stdout
