@@ -258,13 +258,14 @@ class SegmentPool:
             os.unlink(path)  # left by a dropped segment whose name was reused
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, capacity)
-        except BaseException:
+            # Allocated now, so that a full /dev/shm is an OSError here and never
+            # a SIGBUS when the mapping is written later.
+            os.posix_fallocate(fd, 0, capacity)
+            slot = _Slot(fd, capacity, home)
+        except OSError:
             os.close(fd)
             os.unlink(path)
-            raise
-        try:
-            slot = _Slot(fd, capacity, home)
+            return None  # no room: a one-off segment (or the pipes) instead
         except BaseException:
             os.close(fd)
             os.unlink(path)
