@@ -1,4 +1,4 @@
-"""The sender's kept segments: reused only once released, bounded, and safe when /dev/shm is full."""
+"""A sender's kept segments: reused once released, bounded, safe when /dev/shm is full."""
 
 from __future__ import annotations
 
