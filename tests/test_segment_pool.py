@@ -95,3 +95,23 @@ def test_a_full_dev_shm_means_a_one_off_segment_not_a_crash(
     assert sender.pool._slots == []
     assert reader.load(reference(reader, name, 64 * KIB), 1 << 30) == b"z" * 64 * KIB
     assert names(prefix) == []
+
+
+def test_an_array_whose_segment_cannot_be_written_goes_in_band(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    np = pytest.importorskip("numpy")
+    from corral._framing import FrameDecoder, FrameEncoder
+    from corral._messages import ParentBound, Result
+
+    prefix = new_pool_prefix() + "1-"
+    sender = LargeBuffers(prefix, 1024, "w")
+
+    def no_room(self: LargeBuffers, name: str, raw: memoryview) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LargeBuffers, "write_segment", no_room)
+    frame = FrameEncoder(1 << 24, sender).encode(Result(1, [np.arange(1000.0)]))
+    [result] = FrameDecoder(ParentBound, 1 << 24, LargeBuffers(prefix, 1024, "p")).feed(frame)
+    assert result.value[0].tolist() == list(np.arange(1000.0))  # type: ignore[union-attr]
+    assert names(prefix) == []

@@ -129,7 +129,13 @@ class ArrayCodec:
                 f"{self.limit} bytes"
             )
         name = large.new_name()
-        large.write_segment(name, raw)
+        try:
+            large.write_segment(name, raw)
+        except OSError as exc:
+            # /dev/shm missing or full: this buffer goes in band, as bytes do.
+            large.unavailable(exc)
+            self.total -= size
+            return raw
         self.written.append(name)
         return msgspec.msgpack.Ext(LARGE_BUFFER_EXT, size.to_bytes(8, "big") + name.encode())
 

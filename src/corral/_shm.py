@@ -384,9 +384,7 @@ class LargeBuffers:
                 written.append(name)
         except OSError as exc:
             self.discard(written)
-            if not self._warned:
-                self._warned = True
-                _log.warning("large_buffers.unavailable", directory=self.directory, error=str(exc))
+            self.unavailable(exc)
             return None
         return Offloaded(swapped, written, total)
 
@@ -407,6 +405,12 @@ class LargeBuffers:
             mapping = {key: self._swap(item, found) for key, item in value.items()}
             return mapping if any(mapping[k] is not v for k, v in value.items()) else value
         return value
+
+    def unavailable(self, exc: OSError) -> None:
+        """A segment could not be written: say so once; the caller sends in band."""
+        if not self._warned:
+            self._warned = True
+            _log.warning("large_buffers.unavailable", directory=self.directory, error=str(exc))
 
     def new_name(self) -> str:
         """A segment name no message of this side has used."""
