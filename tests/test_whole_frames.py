@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from typing import Any
 
 import pytest
 from tests.workers.large import pattern
@@ -21,6 +22,7 @@ from corral import Pool
 from corral._framing import FrameDecoder, FrameEncoder
 from corral._messages import Call, ParentBound, Result, WorkerBound
 from corral._shm import SHM_DIR, LargeBuffers, new_pool_prefix
+from corral._socket_launcher import SubprocessShimLauncher
 
 TARGET = "tests.workers.large:app"
 KIB = 1024
@@ -93,11 +95,14 @@ async def test_an_oversize_nested_result_on_shm_is_payload_too_large_and_the_wor
         assert segments(pool._shm_prefix) == []
 
 
-@pytest.mark.parametrize("threshold", [256 * KIB, None])
-async def test_an_oversize_nested_argument_in_a_burst_fails_alone(threshold: int | None) -> None:
-    async with Pool(
-        TARGET, size=1, max_message_size=LIMIT, large_buffer_threshold=threshold
-    ) as pool:
+@pytest.mark.parametrize("path", ["shm", "pipes", "tcp"])
+async def test_an_oversize_nested_argument_in_a_burst_fails_alone(path: str) -> None:
+    options: dict[str, Any] = {
+        "shm": {"large_buffer_threshold": 256 * KIB},
+        "pipes": {"large_buffer_threshold": None},
+        "tcp": {"launcher": SubprocessShimLauncher()},
+    }[path]
+    async with Pool(TARGET, size=1, max_message_size=LIMIT, **options) as pool:
         pid = await pool.call("pid")
         outcomes = await asyncio.gather(
             pool.call("pid"),
