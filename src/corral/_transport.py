@@ -126,6 +126,7 @@ class FrameWriter:
         self._loop = loop
         self._transport = transport
         self._append = encoder.append
+        self._release = encoder.close
         self._pending = bytearray()
         self._in_tick = False
         self._closed = False
@@ -155,6 +156,7 @@ class FrameWriter:
         self._end_tick()
         self._closed = True
         self._transport.close()
+        self._release()  # segments kept for reuse: nothing more is sent
 
 
 class PipeConnection:
