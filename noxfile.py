@@ -100,9 +100,18 @@ def dspy(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def ray(session: nox.Session) -> None:
-    """Workers placed over TCP and by a real (local) Ray, alone."""
+    """Workers placed over TCP and by a real (local) Ray, alone: one Ray, a simulated
+    cluster whose nodes are lost and added, the listener flooded by strangers."""
     session.install("-e", ".[suite]")
-    session.run("pytest", "tests/test_ray.py", "tests/test_socket_launcher.py", *session.posargs)
+    session.run(
+        "pytest",
+        "tests/test_ray.py",
+        "tests/test_ray_nodes.py",
+        "tests/test_socket_launcher.py",
+        "tests/test_listener_flood.py",
+        "tests/test_start_failures.py",
+        *session.posargs,
+    )
 
 
 @nox.session(python=PYTHON)

@@ -3,8 +3,8 @@
     python -m benchmarks.run            # full run: medians of 5 repeats
     python -m benchmarks.run --quick    # smoke test: small counts, 1 repeat
     python -m benchmarks.run --sweep    # echo by size, pipes against /dev/shm
-    python -m benchmarks.run --cost     # only what one call costs (benchmarks/cost.py)
     python -m benchmarks.run --placed   # also workers over TCP and on a local Ray
+    python -m benchmarks.run --cost     # only what one call costs (benchmarks/cost.py)
 
 Every system runs the same task functions (benchmarks/tasks.py) with 2 worker
 processes. Figures are printed with their ratio to the floor (benchmarks/floor.py)

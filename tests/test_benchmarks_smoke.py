@@ -146,3 +146,40 @@ def test_routing_benchmark_prints_the_overhead_of_the_front() -> None:
     assert run.returncode == 0, run.stderr
     assert "stand-in pool (the front's own cost): direct median" in run.stdout
     assert "front+rule overhead: median" in run.stdout
+
+
+def test_the_node_loss_run_explains_itself_and_refuses_a_bad_schedule() -> None:
+    # The run itself needs a simulated Ray cluster and minutes: docs/scale-out.md
+    # records one. Here: its options, and a clear one-line refusal.
+    shown = subprocess.run(
+        [sys.executable, "-m", "benchmarks.node_loss", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0 and "--events" in shown.stdout, shown.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "benchmarks.node_loss", "--events", "8:explode"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "'8:explode' is not SECONDS:remove or SECONDS:add" in refused.stderr
+
+
+def test_the_array_benchmark_prints_every_figure_and_ratio() -> None:
+    pytest.importorskip("numpy")
+    pytest.importorskip("pyarrow")
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.arrays", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert run.returncode == 0, run.stderr
+    for figure in ("64 MiB float64 ndarray", "Arrow table 100,000 x 10", "1 KiB ndarray"):
+        assert figure in run.stdout
+    assert "corral is" in run.stdout and "x ProcessPoolExecutor" in run.stdout
+    assert "peak of corral's named segments" in run.stdout

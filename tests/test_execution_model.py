@@ -89,3 +89,26 @@ async def test_sync_hooks_run_on_the_thread_of_the_sync_handlers() -> None:
     async with Pool("tests.workers.sync_only:threaded", size=1) as pool:
         startup, handler = await pool.call("startup_thread")
     assert startup == handler != "MainThread"
+
+
+async def test_a_sync_stream_longer_than_its_window_resumes_on_credit() -> None:
+    # A stream out of credit is parked by the main thread and stepped again
+    # when Credit comes; every item is made on the main thread.
+    async with Pool("tests.workers.sync_only:app", size=1, stream_window=4) as pool:
+        items = [w async for w in pool.stream("words", 50)]
+        assert items == [f"MainThread{i}" for i in range(50)]
+        assert await pool.call("thread_name") == "MainThread"
+
+
+async def test_a_parked_sync_stream_past_its_deadline_ends_and_the_worker_serves_on() -> None:
+    async with Pool("tests.workers.sync_only:app", size=1, stream_window=1) as pool:
+        pid = await pool.call("pid")
+        stream = pool.stream("words", 1000, timeout=0.5)
+        assert await anext(stream) == "MainThread0"
+        # No more reading: the worker runs out of credit and parks the stream,
+        # which ends at its deadline (the worker's or the caller's, first).
+        await pool.wait_idle(timeout=10)
+        with pytest.raises(corral.CallTimeout):
+            while True:
+                await anext(stream)
+        assert await pool.call("pid") == pid and pool.stats().restarts == 0

@@ -21,6 +21,7 @@ from corral._launch._handshake import (
     CLIENT_HELLO_SIZE,
     MAGIC,
     HandshakeError,
+    ListenerBusy,
     Role,
     Ticket,
     client_handshake,
@@ -258,3 +259,43 @@ def test_arbitrary_bytes_never_get_a_peer_admitted(junk: bytes) -> None:
             await asyncio.sleep(0)
 
     asyncio.run(scenario())
+
+
+async def test_a_launch_gets_in_while_strangers_hold_every_shared_slot() -> None:
+    listener = Listener("127.0.0.1", handshake_timeout=5.0, max_pending=2)
+    listener.open()
+    strangers = [_connect(listener) for _ in range(2)]
+    try:
+        for stranger in strangers:
+            await _greeting(stranger)  # both shared slots are taken, and stay so
+        turned_away = _connect(listener)
+        assert await _closed_by_pool(turned_away) == b""
+        assert listener.busy == 1
+        ticket = listener.tickets.issue(30)
+        sock = await asyncio.to_thread(_present, listener, ticket.id, ticket.key, Role.DATA)
+        try:
+            (await asyncio.wait_for(ticket.accepted[Role.DATA], 5)).close()
+        finally:
+            sock.close()
+        assert listener.busy == 1
+    finally:
+        for stranger in strangers:
+            stranger.close()
+        listener.close()
+        await asyncio.sleep(0)
+
+
+async def test_a_closed_door_before_the_greeting_tells_the_shim_to_try_again() -> None:
+    listener = Listener("127.0.0.1", handshake_timeout=5.0, max_pending=1)
+    listener.open()
+    stranger = _connect(listener)
+    try:
+        await _greeting(stranger)
+        ticket = listener.tickets.issue(30)
+        listener.tickets.revoke(ticket)  # no launch waits for it: no reserved slot
+        with pytest.raises(ListenerBusy):
+            await asyncio.to_thread(_present, listener, ticket.id, ticket.key, Role.DATA)
+    finally:
+        stranger.close()
+        listener.close()
+        await asyncio.sleep(0)

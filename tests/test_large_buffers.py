@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,10 +38,16 @@ from corral._shm import SHM_DIR, LargeBuffers, LostSegment, new_pool_prefix
 TARGET = "tests.workers.large:app"
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLD = 1024  # small, so that examples stay small
+POOLED = re.compile(r"-[pw]s\d+$")  # a segment a sender keeps for reuse
 
 
-def segments(prefix: str) -> list[str]:
-    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
+def segments(prefix: str, pooled: bool = False) -> list[str]:
+    """Segments under ``prefix``: in flight, or also those kept for reuse (``<p|w>s<k>``)."""
+    return sorted(
+        name
+        for name in os.listdir(SHM_DIR)
+        if name.startswith(prefix) and (pooled or not POOLED.search(name))
+    )
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -206,10 +213,10 @@ async def test_a_worker_killed_before_reading_a_large_argument_leaves_no_segment
                 await call
         writer.close()
         # The pool has noticed (the callers were told): nothing is left.
-        assert segments(worker.spec.shm_prefix) == []
+        assert segments(worker.spec.shm_prefix, pooled=True) == []
         await pool.wait_ready(timeout=30)
         assert await pool.call("echo", pattern(THRESHOLD * 2)) == pattern(THRESHOLD * 2)
-    assert segments(pool._shm_prefix) == []
+    assert segments(pool._shm_prefix, pooled=True) == []
 
 
 @pytest.mark.parametrize("preload", [(), ("json",)], ids=["spawned", "forked"])
@@ -233,12 +240,12 @@ async def test_a_worker_killed_after_writing_its_result_leaves_no_segment(
         os.kill(worker.pid, signal.SIGKILL)
         # The shepherd unlinks what its worker left, then exits.
         assert wait_for(lambda: ended(shepherd))
-        assert segments(prefix) == []
+        assert segments(prefix, pooled=True) == []
         # The Result frame names a segment that is gone: the exit status decides.
         with pytest.raises(corral.WorkerCrashed) as info:
             await call
         assert info.value.exit_code == -signal.SIGKILL
-        assert segments(prefix) == []
+        assert segments(prefix, pooled=True) == []
 
 
 async def test_a_worker_that_dies_while_writing_a_result_leaves_no_segment() -> None:
@@ -247,7 +254,7 @@ async def test_a_worker_that_dies_while_writing_a_result_leaves_no_segment() -> 
         with pytest.raises(corral.WorkerCrashed) as info:
             await pool.call("die_while_writing", 4 * 2**20)
         assert info.value.exit_code == -signal.SIGKILL
-        assert segments(prefix) == []
+        assert segments(prefix, pooled=True) == []
 
 
 async def test_the_pool_unlinks_what_a_worker_left_when_its_shepherd_is_gone_too(
@@ -266,7 +273,7 @@ async def test_the_pool_unlinks_what_a_worker_left_when_its_shepherd_is_gone_too
             with pytest.raises(corral.WorkerCrashed):
                 await call
         writer.close()
-        assert segments(worker.spec.shm_prefix) == []
+        assert segments(worker.spec.shm_prefix, pooled=True) == []
 
 
 async def test_closing_the_pool_with_large_calls_in_flight_leaves_nothing(
@@ -285,7 +292,7 @@ async def test_closing_the_pool_with_large_calls_in_flight_leaves_nothing(
     for call in (blocked, queued):
         with pytest.raises(corral.PoolClosed):
             await call
-    assert segments(prefix) == []
+    assert segments(prefix, pooled=True) == []
 
 
 async def test_a_large_argument_over_the_message_limit_is_refused_before_any_write() -> None:
@@ -375,7 +382,7 @@ def test_parent_sigkill_mid_call_leaves_no_segment(tmp_path: Path) -> None:
                 continue
         _, alive = psutil.wait_procs(procs, timeout=5)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-        assert segments(prefix) == []
+        assert segments(prefix, pooled=True) == []
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -36,11 +36,31 @@ async def test_an_idle_worker_imports_nothing_heavy(
     assert _heavy(modules, HEAVY + also_absent) == []
 
 
-async def test_structlog_is_imported_when_the_worker_logs() -> None:
-    # The logger is made on first use: a worker that has something to say still says it.
-    from corral.worker._log import worker_log
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pkg.mod:app"],
+        ["pkg.mod:app", "--fds", "3,4,5", "--worker-id", "pool1-w1"],
+        ["--fds=3,4", "pkg.mod:app", "--max-message-size", "1024", "--shm-prefix", "corral-1-"],
+        ["pkg.mod:app", "--large-buffer-threshold", "262144", "--worker-id=w"],
+    ],
+)
+def test_the_worker_reads_its_command_line_as_argparse_would(argv: list[str]) -> None:
+    # The fast reading (no argparse imported) gives what argparse gives.
+    from corral.worker.__main__ import _parse_args, _parser
 
-    log = worker_log("w-test")
-    assert log._bound is None
-    log.bind(extra=1)  # any use makes the real logger
-    assert log._bound is not None
+    assert vars(_parse_args(argv)) == vars(_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["pkg.mod:app", "--bogus"], ["pkg.mod:app", "--fds"], ["a:b", "c:d"]]
+)
+def test_a_bad_worker_command_line_gets_argparse_s_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from corral.worker.__main__ import _parse_args
+
+    with pytest.raises(SystemExit) as exited:
+        _parse_args(argv)
+    assert exited.value.code == 2
+    assert "usage: python -m corral.worker" in capsys.readouterr().err

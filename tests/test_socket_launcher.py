@@ -11,11 +11,13 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -310,3 +312,69 @@ def test_corral_ray_without_ray_names_the_extra_to_install() -> None:
     )
     assert run.returncode != 0
     assert "pip install 'corral[ray]'" in run.stderr, run.stderr
+
+
+async def test_status_says_which_node_each_placed_worker_runs_on() -> None:
+    async with Pool(TARGET, size=2, launcher=SubprocessShimLauncher()) as pool:
+        await pool.call("remember", "k", 1, session="s")
+        status = pool.status()
+        host = socket.gethostname()
+        assert {(w.node_id, w.node_address) for w in status.workers} == {(host, "127.0.0.1")}
+        (node,) = status.nodes
+        assert (node.id, node.address, node.workers, node.ready) == (host, "127.0.0.1", 2, 2)
+        assert node.sessions == 1
+        body = status.to_dict()
+        assert body["nodes"][0]["id"] == host
+        assert all(w["node_id"] == host for w in body["workers"])
+        # corral top shows a node column and a nodes table.
+        rich = pytest.importorskip("rich.console")
+        from corral._top import render
+
+        console = rich.Console(record=True, width=200)
+        console.print(render(json.loads(json.dumps(body))))
+        screen = console.export_text()
+        assert "nodes" in screen and f"{host} 127.0.0.1" in screen, screen
+    # A local pool has no nodes to show.
+    async with Pool(TARGET, size=1) as local:
+        assert local.status().nodes == () and local.status().workers[0].node_id is None
+
+
+class _TellsWhenLaunched(SubprocessShimLauncher):
+    """Sets ``launched`` once a shim has connected back and started its worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launched = asyncio.Event()
+
+    async def launch(self, spec: WorkerSpec, events: Any) -> Any:
+        worker = await super().launch(spec, events)
+        self.launched.set()
+        return worker
+
+
+async def test_a_worker_lost_before_its_hello_is_a_placement_failure_not_its_own() -> None:
+    from corral._handle import WorkerHandle
+
+    launcher = _TellsWhenLaunched()
+    handle = WorkerHandle(
+        WorkerSpec("lost-1", "tests.workers.slow_start:app", max_message_size=2**20),
+        launcher,
+        max_concurrency=1,
+        cancel_grace=1.0,
+        on_capacity=lambda worker: None,
+        on_exit=lambda worker: None,
+        pool_name="test",
+    )
+    start = asyncio.ensure_future(handle.start(60))
+    try:
+        # The shim connected and started the worker, which is still loading.
+        await asyncio.wait_for(launcher.launched.wait(), 30)
+        assert handle._launched is not None
+        psutil.Process(handle._launched.placement.process.pid).kill()  # type: ignore[attr-defined]
+        with pytest.raises(corral.PlacementError) as info:
+            await asyncio.wait_for(start, 30)
+        assert info.value.cause == "lost"
+        assert "lost during start-up" in str(info.value)
+    finally:
+        start.cancel()
+        await handle.shutdown(1.0, 1.0)

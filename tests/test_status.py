@@ -137,7 +137,10 @@ async def test_the_snapshot_is_plain_json() -> None:
         "leased",
         "rss",
         "note",
+        "node_id",
+        "node_address",
     }
+    assert worker["node_id"] is None and body["nodes"] == []  # a local worker
     assert worker["rss"] > 0
     (eviction,) = body["evictions"]
     assert eviction["kind"] == "died" and eviction["reason"] == "signal SIGKILL"

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         EncodeError,
         MethodNotFound,
         PayloadTooLarge,
+        PlacementError,
         PoolClosed,
         PoolFailed,
         PoolOverloaded,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from ._pools import Pools, PoolsStats, Routed, RoutedStream, RouteStats, Rule, Workload
     from ._retry import RetryPolicy
     from ._stats import LatencyHistogram, PoolStats
-    from ._status import Eviction, PoolStatus, QueueInfo, WorkerInfo
+    from ._status import Eviction, NodeInfo, PoolStatus, QueueInfo, WorkerInfo
 
 __version__ = "0.1.0"
 """corral's version."""
@@ -59,7 +60,9 @@ __all__ = [
     "Eviction",
     "LatencyHistogram",
     "MethodNotFound",
+    "NodeInfo",
     "PayloadTooLarge",
+    "PlacementError",
     "Pool",
     "PoolClosed",
     "PoolConfig",
@@ -90,8 +93,8 @@ __all__ = [
 
 # Where each public name lives; a class's ``__module__`` is set to "corral" when loaded.
 _WHERE = {
-    "BreakerConfig": "._breaker",
     "PoolConfig": "._config",
+    "BreakerConfig": "._breaker",
     "RetryPolicy": "._retry",
     **dict.fromkeys(
         [
@@ -102,6 +105,7 @@ _WHERE = {
             "EncodeError",
             "MethodNotFound",
             "PayloadTooLarge",
+            "PlacementError",
             "PoolClosed",
             "PoolFailed",
             "PoolOverloaded",
@@ -120,7 +124,7 @@ _WHERE = {
         "._pools",
     ),
     **dict.fromkeys(["LatencyHistogram", "PoolStats"], "._stats"),
-    **dict.fromkeys(["Eviction", "PoolStatus", "QueueInfo", "WorkerInfo"], "._status"),
+    **dict.fromkeys(["Eviction", "NodeInfo", "PoolStatus", "QueueInfo", "WorkerInfo"], "._status"),
 }
 
 

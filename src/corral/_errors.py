@@ -15,6 +15,7 @@ modules that detect the failure.
     ├── PoolOverloaded              the checkout queue is full (max_waiting)
     ├── PoolFailed                  workers keep failing to start and none is live
     ├── WorkerStartError            a worker could not start (bad target, import error)
+    │   └── PlacementError          ...because of where it was placed, not its code
     ├── ProtocolError               a worker broke the protocol (replaced)
     ├── PayloadTooLarge             a message is over the size limit (nothing sent)
     ├── EncodeError (TypeError)     an argument cannot be encoded (nothing sent)
@@ -29,7 +30,7 @@ its exit code (negative for a signal) and the tail of its stderr.
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "AllPoolsFailed",
@@ -39,6 +40,7 @@ __all__ = [
     "EncodeError",
     "MethodNotFound",
     "PayloadTooLarge",
+    "PlacementError",
     "PoolClosed",
     "PoolFailed",
     "PoolOverloaded",
@@ -48,6 +50,7 @@ __all__ = [
     "SessionLost",
     "WorkerCrashed",
     "WorkerStartError",
+    "counts_against_restart_budget",
     "describe_exit",
 ]
 
@@ -183,6 +186,35 @@ class PoolFailed(CorralError):
 
 class WorkerStartError(CorralError):
     """A worker could not start: bad target, import error, crash in ``on_startup``."""
+
+
+PlacementCause = Literal["placement", "node_lost", "lost", "listener_busy"]
+
+
+class PlacementError(WorkerStartError):
+    """A worker start failed because of where it was placed, not because of its code.
+
+    The worker's own code never failed: the cluster could not place it, its
+    node died under it, it was lost before it said hello (no exit status), or
+    the pool's listener was too busy to let it connect back. Such a start does
+    not use up the restart budget (``max_restarts``): the pool tries again,
+    with its usual backoff, and Ray places the worker wherever there is room.
+    ``cause`` says which: ``"placement"``, ``"node_lost"``, ``"lost"`` or
+    ``"listener_busy"``.
+    """
+
+    def __init__(self, message: str, *, cause: PlacementCause, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.cause: PlacementCause = cause
+
+
+def counts_against_restart_budget(error: BaseException) -> bool:
+    """Whether a failed start was the worker's own (it uses up ``max_restarts``).
+
+    The one rule the pool's restart budget consults: a ``PlacementError`` is
+    not the worker's failure; every other start error is.
+    """
+    return not isinstance(error, PlacementError)
 
 
 class ProtocolError(CorralError):

@@ -4,7 +4,8 @@ Owns: turning messages into framed bytes and a byte stream back into messages,
 with the size limit and every malformed input mapped to ProtocolError. Must not
 touch: sockets, pipes or the event loop; it is fed bytes and returns values.
 Large buffers out of band are delegated to an optional ``_shm.LargeBuffers``,
-which owns the only file I/O on this path.
+which owns the only file I/O on this path; arrays and tables (NumPy, Arrow,
+pandas) to ``_arrays.ArrayCodec``, called only for types msgspec does not know.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
+from ._arrays import EXTENSIONS, ArrayCodec, OverLimit
 from ._errors import EncodeError, PayloadTooLarge, ProtocolError
 from ._shm import LostSegment
 
@@ -36,13 +38,6 @@ MAX_POSSIBLE_SIZE = 2**32 - 1
 T = TypeVar("T")
 
 
-def _reject_extension(code: int, data: memoryview) -> Any:
-    # ``data`` is a view into the decoder's buffer; the traceback would keep it
-    # (and the buffer's export) alive, and the buffer could not be cleared.
-    del data
-    raise ProtocolError(f"unknown MessagePack extension type {code}")
-
-
 _LARGE_BUFFER_EXT = 1  # corral._shm.LARGE_BUFFER_EXT; not imported, to keep this module I/O-free
 
 
@@ -60,7 +55,7 @@ class FrameEncoder:
     buffers count against ``max_size`` with the frame.
     """
 
-    __slots__ = ("_encode_into", "_large", "max_size")
+    __slots__ = ("_arrays", "_encode_into", "_large", "max_size")
 
     def __init__(
         self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE, large_buffers: LargeBuffers | None = None
@@ -68,8 +63,45 @@ class FrameEncoder:
         if not 0 < max_size <= MAX_POSSIBLE_SIZE:
             raise ValueError(f"max_size must be in 1..{MAX_POSSIBLE_SIZE}, got {max_size}")
         self.max_size = max_size
-        self._encode_into = msgspec.msgpack.Encoder().encode_into
+        self._arrays = ArrayCodec(large_buffers, max_size)
+        self._encode_into = msgspec.msgpack.Encoder(enc_hook=self._arrays.enc_hook).encode_into
         self._large = large_buffers
+
+    def close(self) -> None:
+        """Release the segments kept for reuse (the connection is done sending)."""
+        if self._large is not None:
+            self._large.close()
+
+    def _encode(
+        self, message: Any, buffer: bytearray, start: int, reserved: int = 0
+    ) -> tuple[int, int]:
+        """Encode one frame's body after ``start``: whole, or ``buffer`` as it was.
+
+        Returns the body's size and the bytes its arrays put in segments (which
+        stay written: ``self._arrays.discard()`` unlinks them). ``reserved`` is
+        what the message's other out-of-band buffers already count.
+        """
+        arrays = self._arrays
+        arrays.start()
+        arrays.total = reserved
+        try:
+            self._encode_into(message, buffer, start + HEADER_SIZE)
+        except BaseException as exc:
+            # msgspec leaves what it had written so far; a cyclic or too deeply
+            # nested value fails with RecursionError.
+            del buffer[start:]
+            arrays.discard()
+            if isinstance(exc, OverLimit):
+                raise PayloadTooLarge(str(exc)) from None
+            if isinstance(exc, _ENCODE_FAILURES):
+                raise EncodeError(f"cannot encode message: {exc}") from exc
+            raise
+        return len(buffer) - start - HEADER_SIZE, arrays.total - reserved
+
+    def _abandon(self, buffer: bytearray, start: int) -> None:
+        """Forget a frame begun at ``start`` and the segments its arrays used."""
+        del buffer[start:]
+        self._arrays.discard()
 
     def append(self, message: Any, buffer: bytearray) -> int:
         """Append one frame to ``buffer`` and return its payload size.
@@ -84,26 +116,23 @@ class FrameEncoder:
             if offloaded is not None:
                 return self._append_offloaded(offloaded, buffer, large)
         start = len(buffer)
-        try:
-            self._encode_into(message, buffer, start + HEADER_SIZE)
-        except BaseException as exc:
-            # msgspec leaves what it had written so far; a cyclic or too deeply
-            # nested value fails with RecursionError.
-            del buffer[start:]
-            if isinstance(exc, _ENCODE_FAILURES):
-                raise EncodeError(f"cannot encode message: {exc}") from exc
-            raise
-        size = len(buffer) - start - HEADER_SIZE
+        size, in_segments = self._encode(message, buffer, start)
         if large is not None and size > large.threshold:
             # A buffer over the threshold may be nested deeper than ``wants`` looks.
-            offloaded = large.offload(message, self.max_size)
+            try:
+                offloaded = large.offload(message, self.max_size)
+            except BaseException:
+                # Over the limit, or not walkable: the frame begun above must not
+                # stay, or the next one would follow a zero header.
+                self._abandon(buffer, start)
+                raise
             if offloaded is not None:
-                del buffer[start:]
+                self._abandon(buffer, start)  # encoded again, with references
                 return self._append_offloaded(offloaded, buffer, large)
-        if size > self.max_size:
-            del buffer[start:]
+        if size + in_segments > self.max_size:
+            self._abandon(buffer, start)
             raise PayloadTooLarge(
-                f"message of {size} bytes is over the limit of {self.max_size} bytes"
+                f"message of {size + in_segments} bytes is over the limit of {self.max_size} bytes"
             )
         buffer[start : start + HEADER_SIZE] = size.to_bytes(HEADER_SIZE, "big")
         return size
@@ -114,19 +143,16 @@ class FrameEncoder:
         """Append the frame of a message whose buffers are already in segments."""
         start = len(buffer)
         try:
-            self._encode_into(offloaded.message, buffer, start + HEADER_SIZE)
-        except BaseException as exc:
-            del buffer[start:]
+            size, in_segments = self._encode(offloaded.message, buffer, start, offloaded.total)
+        except BaseException:
             large.discard(offloaded.names)
-            if isinstance(exc, _ENCODE_FAILURES):
-                raise EncodeError(f"cannot encode message: {exc}") from exc
             raise
-        size = len(buffer) - start - HEADER_SIZE
-        if size + offloaded.total > self.max_size:
-            del buffer[start:]
+        total = size + in_segments + offloaded.total
+        if total > self.max_size:
+            self._abandon(buffer, start)
             large.discard(offloaded.names)
             raise PayloadTooLarge(
-                f"message of {size + offloaded.total} bytes (with its large buffers) is over "
+                f"message of {total} bytes (with its large buffers) is over "
                 f"the limit of {self.max_size} bytes"
             )
         buffer[start : start + HEADER_SIZE] = size.to_bytes(HEADER_SIZE, "big")
@@ -147,7 +173,7 @@ class FrameDecoder(Generic[T]):
     the stream is unusable and every later ``feed`` raises again.
     """
 
-    __slots__ = ("_budget", "_buffer", "_decode", "_failed", "_large", "max_size")
+    __slots__ = ("_arrays", "_budget", "_buffer", "_decode", "_failed", "_large", "max_size")
 
     def __init__(
         self,
@@ -160,15 +186,24 @@ class FrameDecoder(Generic[T]):
         self.max_size = max_size
         self._large = large_buffers
         self._budget = 0  # what the large buffers of the frame being decoded may still use
-        hook = _reject_extension if large_buffers is None else self._extension
-        self._decode = msgspec.msgpack.Decoder(message_type, ext_hook=hook).decode
+        self._arrays = ArrayCodec(large_buffers, max_size)
+        self._decode = msgspec.msgpack.Decoder(message_type, ext_hook=self._extension).decode
         self._buffer = bytearray()
         self._failed: ProtocolError | None = None
 
     def _extension(self, code: int, data: memoryview) -> Any:
-        """Large-buffer references become their bytes; any other extension is refused."""
+        """Arrays, tables and large-buffer references become values; others are refused."""
+        if code in EXTENSIONS:
+            # ``data`` is a view into the decoder's buffer; a traceback would keep
+            # it (and the buffer's export) alive, and the buffer could not be cleared.
+            try:
+                value, used = self._arrays.decode(code, data, self._budget)
+            finally:
+                del data
+            self._budget -= used
+            return value
         if code != _LARGE_BUFFER_EXT or self._large is None:
-            del data  # see _reject_extension
+            del data  # see above
             raise ProtocolError(f"unknown MessagePack extension type {code}")
         reference = bytes(data)  # small; a view must not outlive this call (see above)
         del data

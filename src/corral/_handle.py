@@ -32,6 +32,7 @@ from ._errors import (
     EncodeError,
     MethodNotFound,
     PayloadTooLarge,
+    PlacementError,
     PoolClosed,
     ProtocolError,
     RemoteError,
@@ -207,6 +208,11 @@ class WorkerHandle:
         self.pid: int | None = None  # the worker's own pid, from its Hello
         self.handlers: tuple[str, ...] = ()
         self.exit_code: int | None = None
+        # Where it runs, for a placed worker (None for a local one): the node's
+        # id and address, as its launcher reports them.
+        self.node_id: str | None = None
+        self.node_address: str | None = None
+        self._lost_reason: str | None = None  # lost without an exit status
         self.sessions: set[str] = set()  # written by Sessions alone
         self.sessions_reported_lost: set[str] = set()  # this handle told a caller so
         self.leased = False
@@ -285,6 +291,10 @@ class WorkerHandle:
             self._mark_dead_without_process()
             raise
         self._log = self._log.bind(shepherd_pid=self._launched.pid)
+        self.node_id = self._launched.node_id
+        self.node_address = self._launched.node_address
+        if self.node_id is not None:
+            self._log = self._log.bind(node_id=self.node_id, node_address=self.node_address)
         self._log.info("worker.started", target=self.spec.target)
         exited = asyncio.ensure_future(self._exited.wait())
         try:
@@ -342,6 +352,14 @@ class WorkerHandle:
                 stderr_tail=self.stderr_tail,
             )
         await self._wait_stderr_tail()
+        if self._lost_reason is not None:
+            # No exit status: its shim or node went away, the worker's code did not fail.
+            raise PlacementError(
+                f"worker {self.id} was lost during start-up: {self._lost_reason}",
+                cause="lost",
+                worker_id=self.id,
+                stderr_tail=self.stderr_tail,
+            )
         raise WorkerStartError(
             f"worker {self.id} exited during start-up ({describe_exit(self.exit_code)}) "
             f"while loading {self.spec.target!r}",
@@ -692,6 +710,7 @@ class WorkerHandle:
 
     def process_lost(self, reason: str) -> None:
         """A remote worker can no longer be reached: no exit status will ever come."""
+        self._lost_reason = reason
         if self.kill_reason is None and not self.closing:
             self.kill_reason = reason
         self._send = None

@@ -21,12 +21,14 @@ light (importing structlog imports rich when rich is installed).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # a sync-only worker never imports asyncio
+    import asyncio
 
 __all__ = ["Logger", "Repeats", "get_logger"]
 
@@ -184,6 +186,8 @@ class Repeats:
 
     def _call_later(self, delay: float, key: Hashable) -> asyncio.TimerHandle | None:
         try:
+            import asyncio
+
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return None  # no loop: the count waits for the next event or flush()

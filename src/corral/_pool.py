@@ -351,6 +351,7 @@ class Pool:
             calls_ok=calls.calls_ok,
             calls_failed=dict(calls.calls_failed),
             calls_cancelled=calls.calls_cancelled,
+            placement_failures=supervisor.placement_failures,
             latency=calls.latency.snapshot(),
         )
 

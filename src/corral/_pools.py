@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-import structlog
-
 from ._breaker import PROBE, REJECT, BreakerConfig, BreakerState, CircuitBreaker, Transition
 from ._errors import (
     AllPoolsFailed,
@@ -60,6 +58,7 @@ from ._errors import (
     WorkerCrashed,
     WorkerStartError,
 )
+from ._log import get_logger
 from ._pool import CallStream, Pool, WorkerLease
 from ._retry import RetryBudget, RetryPolicy
 from ._stats import LATENCY_BOUNDS, PoolStats
@@ -78,7 +77,7 @@ __all__ = [
 
 _monotonic = time.monotonic
 _CLOSED = BreakerState.CLOSED
-_log = structlog.get_logger("corral")
+_log = get_logger("corral")
 
 #: The pool refused the call before anything was sent: any call may go elsewhere.
 REFUSALS: tuple[type[CorralError], ...] = (PoolOverloaded, PoolFailed, PoolTimeout, CircuitOpen)

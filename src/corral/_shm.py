@@ -19,22 +19,38 @@ Ownership of a segment (docs/protocol.md, "Large buffers"):
   worker's exit, and by the shepherd when it ends, which also covers the death
   of the pool's process.
 
-Segments are plain files of a tmpfs written with ``write()`` and read with
-``read()``: each side copies the buffer once, and nothing here needs
-``multiprocessing.shared_memory`` or its resource tracker.
+Segments are plain files of a tmpfs written with ``write()``; ``bytes`` are
+read with ``read()`` and arrays and tables are mapped (``map``) so the value
+received views the segment, copy-on-write. Nothing here needs
+``multiprocessing.shared_memory`` or its resource tracker (which unlinks
+segments that other processes still use).
+
+Reuse (docs/decisions/0023): the sender keeps a few segments, a bounded
+``SegmentPool``, whose pages stay allocated between messages, so a large
+message is copied into memory that exists instead of faulting in fresh pages.
+A pooled segment keeps a private name (``<prefix><origin>s<k>``) and is lent
+under a hard link with an ordinary message name. The receiver takes a shared
+``flock`` on what it opens and keeps it as long as it reads or maps the
+segment; the sender writes into a pooled segment again only once the message
+name is gone (the receiver unlinked it, or a cleanup did) and no shared lock is
+held (every view was released).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import mmap
 import os
 import stat
 import struct
+import weakref
 from typing import Any
 
 import msgspec
 
 from ._errors import EncodeError, PayloadTooLarge, ProtocolError
+from ._log import get_logger
 from ._messages import Call, Chunk, Result
 
 __all__ = [
@@ -44,6 +60,7 @@ __all__ = [
     "LargeBuffers",
     "LostSegment",
     "Offloaded",
+    "SegmentPool",
     "new_pool_prefix",
     "unlink_segments",
 ]
@@ -56,14 +73,12 @@ _MAX_NAME = 200
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
-
-
-def _log() -> Any:
-    """corral's logger, made when first needed: a worker imports no logging machinery
-    (``_log`` imports asyncio) until it has something to say."""
-    from ._log import get_logger
-
-    return get_logger("corral")
+MIB = 1024 * 1024
+#: A sender keeps at most this many segments for reuse ...
+POOL_SLOTS = 4
+#: ... holding at most this many bytes between them (per side of a worker's connection).
+POOL_BYTES = 256 * MIB
+_log = get_logger("corral")
 
 
 class LostSegment(ProtocolError):
@@ -109,6 +124,23 @@ def _fill(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data) :]
 
 
+def _copy(mapping: mmap.mmap, data: memoryview) -> None:
+    """Copy ``data`` to the start of a pooled segment's mapping."""
+    with memoryview(mapping) as target:
+        target[: data.nbytes] = data
+
+
+# madvise(2) advice that faults a whole range in with one call (Linux 5.14+);
+# older kernels refuse it and the pages fault in one at a time, as before.
+_MADV_POPULATE_READ = 22
+_MADV_POPULATE_WRITE = 23
+
+
+def _populate(mapping: mmap.mmap, advice: int) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        mapping.madvise(advice)
+
+
 def _size_of(value: Any) -> int:
     """Bytes in a bytes-like value (0 for anything else, or a non-contiguous view)."""
     if isinstance(value, bytes | bytearray):
@@ -129,6 +161,147 @@ class Offloaded:
         self.total = total
 
 
+class _Slot:
+    """One reusable segment: its descriptor, size, private name and current loan."""
+
+    __slots__ = ("capacity", "fd", "home", "lent", "mapping")
+
+    def __init__(self, fd: int, capacity: int, home: str) -> None:
+        self.fd = fd
+        self.capacity = capacity
+        self.home = home
+        self.lent: str | None = None  # the message name it was last lent under
+        # Mapped once, pages faulted in once: reuse is a plain memory copy.
+        self.mapping = mmap.mmap(fd, capacity)
+        _populate(self.mapping, _MADV_POPULATE_WRITE)
+
+
+class SegmentPool:
+    """A sender's few reusable segments, bounded in number and in bytes.
+
+    ``take(size)`` gives a free segment of at least ``size`` bytes (the smallest
+    that fits), making one if the bounds allow, or None: the caller then writes
+    a one-off segment. A segment is free when the name it was lent under is gone
+    and no reader holds a shared lock on it (docs/protocol.md, "Reuse").
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_release",
+        "_slots",
+        "directory",
+        "max_bytes",
+        "max_slots",
+        "prefix",
+    )
+
+    def __init__(
+        self,
+        prefix: str,
+        directory: str = SHM_DIR,
+        max_slots: int = POOL_SLOTS,
+        max_bytes: int = POOL_BYTES,
+    ) -> None:
+        self.prefix = prefix  # the worker's prefix plus the side's letter
+        self.directory = directory
+        self.max_slots = max_slots
+        self.max_bytes = max_bytes
+        self._slots: list[_Slot] = []
+        # Dropped without close() (a connection that was never closed): still released.
+        self._release = weakref.finalize(self, _release_slots, self._slots, directory)
+
+    @property
+    def held(self) -> int:
+        """Bytes of /dev/shm the pool keeps (lent or free)."""
+        return sum(slot.capacity for slot in self._slots)
+
+    def _free(self, slot: _Slot) -> bool:
+        if slot.lent is not None:
+            if os.path.lexists(os.path.join(self.directory, slot.lent)):
+                return False  # not yet opened by its reader
+            slot.lent = None
+        try:
+            fcntl.flock(slot.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a reader still maps it
+        fcntl.flock(slot.fd, fcntl.LOCK_UN)
+        return True
+
+    def take(self, size: int) -> _Slot | None:
+        """A free segment of at least ``size`` bytes, or None (use a one-off)."""
+        best: _Slot | None = None
+        free: list[_Slot] = []
+        for slot in self._slots:
+            if self._free(slot):
+                free.append(slot)
+                if slot.capacity >= size and (best is None or slot.capacity < best.capacity):
+                    best = slot
+        if best is not None:
+            return best
+        capacity = max(1 << (size - 1).bit_length(), 64 * 1024)
+        if capacity > self.max_bytes:
+            return None
+        # Make room: drop free segments, largest first, until the new one fits the bounds.
+        free.sort(key=lambda s: s.capacity, reverse=True)
+        while free and (
+            len(self._slots) >= self.max_slots or self.held + capacity > self.max_bytes
+        ):
+            self._drop(free.pop(0))
+        if len(self._slots) >= self.max_slots or self.held + capacity > self.max_bytes:
+            return None  # every segment is lent: this message goes in a one-off
+        used = {slot.home for slot in self._slots}
+        home = next(
+            name for k in range(self.max_slots + 1) if (name := f"{self.prefix}s{k}") not in used
+        )
+        path = os.path.join(self.directory, home)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by a dropped segment whose name was reused
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            # Allocated now, so that a full /dev/shm is an OSError here and never
+            # a SIGBUS when the mapping is written later.
+            os.posix_fallocate(fd, 0, capacity)
+            slot = _Slot(fd, capacity, home)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            return None  # no room: a one-off segment (or the pipes) instead
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        self._slots.append(slot)
+        return slot
+
+    def write(self, slot: _Slot, name: str, data: memoryview) -> None:
+        """Fill ``slot`` with ``data`` and lend it under ``name`` (a hard link)."""
+        try:
+            _copy(slot.mapping, data)
+            os.link(os.path.join(self.directory, slot.home), os.path.join(self.directory, name))
+        except BaseException:
+            self._drop(slot)
+            raise
+        slot.lent = name
+
+    def _drop(self, slot: _Slot) -> None:
+        self._slots.remove(slot)
+        _release_slots([slot], self.directory)
+
+    def close(self) -> None:
+        """Unlink every segment kept; what readers still map stays valid."""
+        self._release()
+
+
+def _release_slots(slots: list[_Slot], directory: str) -> None:
+    """Unmap, close and unlink pooled segments (the list is emptied)."""
+    while slots:
+        slot = slots.pop()
+        slot.mapping.close()
+        os.close(slot.fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, slot.home))
+
+
 class LargeBuffers:
     """One side of one worker's connection: writes and reads its segments.
 
@@ -138,7 +311,7 @@ class LargeBuffers:
     ``threshold`` bytes go out of band.
     """
 
-    __slots__ = ("_counter", "_warned", "directory", "origin", "prefix", "threshold")
+    __slots__ = ("_counter", "_warned", "directory", "origin", "pool", "prefix", "threshold")
 
     def __init__(self, prefix: str, threshold: int, origin: str, directory: str = SHM_DIR) -> None:
         _check_prefix(prefix)
@@ -152,6 +325,7 @@ class LargeBuffers:
         self.directory = directory
         self._counter = 0
         self._warned = False
+        self.pool = SegmentPool(prefix + origin, directory)
 
     # --- sending ------------------------------------------------------------------
 
@@ -210,11 +384,7 @@ class LargeBuffers:
                 written.append(name)
         except OSError as exc:
             self.discard(written)
-            if not self._warned:
-                self._warned = True
-                _log().warning(
-                    "large_buffers.unavailable", directory=self.directory, error=str(exc)
-                )
+            self.unavailable(exc)
             return None
         return Offloaded(swapped, written, total)
 
@@ -225,8 +395,7 @@ class LargeBuffers:
             size = _size_of(value)
             if size <= self.threshold:
                 return value
-            self._counter += 1
-            name = f"{self.prefix}{self.origin}{self._counter}"
+            name = self.new_name()
             found.append((name, value))
             return msgspec.msgpack.Ext(LARGE_BUFFER_EXT, _SIZE.pack(size) + name.encode())
         if kind is list or kind is tuple:
@@ -237,17 +406,42 @@ class LargeBuffers:
             return mapping if any(mapping[k] is not v for k, v in value.items()) else value
         return value
 
+    def unavailable(self, exc: OSError) -> None:
+        """A segment could not be written: say so once; the caller sends in band."""
+        if not self._warned:
+            self._warned = True
+            _log.warning("large_buffers.unavailable", directory=self.directory, error=str(exc))
+
+    def new_name(self) -> str:
+        """A segment name no message of this side has used."""
+        self._counter += 1
+        return f"{self.prefix}{self.origin}{self._counter}"
+
     def _write(self, name: str, buffer: Any) -> None:
+        with memoryview(buffer) as view, view.cast("B") as raw:
+            self.write_segment(name, raw)
+
+    def write_segment(self, name: str, raw: memoryview) -> None:
+        """Put ``raw`` in the segment ``name``: a pooled one if free, else a new file."""
+        if raw.format != "B" or raw.ndim != 1:
+            raw = raw.cast("B")
+        slot = self.pool.take(raw.nbytes) if raw.nbytes else None
+        if slot is not None:
+            self.pool.write(slot, name, raw)
+            return
         path = os.path.join(self.directory, name)
         fd = os.open(path, _WRITE_FLAGS, 0o600)
         try:
-            with memoryview(buffer) as view, view.cast("B") as raw:
-                _fill(fd, raw)
+            _fill(fd, raw)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
         os.close(fd)
+
+    def close(self) -> None:
+        """Unlink the pooled segments (at the end of the connection)."""
+        self.pool.close()
 
     def discard(self, names: list[str]) -> None:
         """Unlink segments written for a message that will not be sent."""
@@ -263,15 +457,45 @@ class LargeBuffers:
         """Read the segment a reference names, unlink it, and return its bytes.
 
         Raises LostSegment if it is missing, ProtocolError for a malformed
-        reference, a name outside this worker's prefix, a size that does not
-        match, or one over ``budget``.
+        reference, a name outside this worker's prefix, a segment smaller than
+        the reference says, or a size over ``budget``.
         """
+        fd, size, name = self._open(data, budget)
+        try:
+            return _read_all(fd, size, name)
+        finally:
+            os.close(fd)
+
+    def map(self, data: bytes, budget: int) -> tuple[mmap.mmap, int]:
+        """Map the segment a reference names (copy-on-write), unlink it; also its size.
+
+        The mapping holds a duplicate of the descriptor, and with it the shared
+        lock that keeps a pooled segment from being reused under it, until the
+        mapping is released: when the last view of it goes.
+        """
+        fd, size, name = self._open(data, budget)
+        try:
+            if size == 0:
+                raise ProtocolError(f"large-buffer segment {name!r} referenced with size 0")
+            mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+            _populate(mapping, _MADV_POPULATE_READ)  # no copy: read faults share the pages
+            return mapping, size
+        finally:
+            os.close(fd)
+
+    def parse(self, data: bytes) -> tuple[int, str]:
+        """The size and name in a reference (checked: well-formed, under this prefix)."""
         if len(data) <= _SIZE.size or len(data) > _SIZE.size + _MAX_NAME:
             raise ProtocolError(f"malformed large-buffer reference ({len(data)} bytes)")
         (size,) = _SIZE.unpack(data[: _SIZE.size])
         name = data[_SIZE.size :].decode("ascii", errors="replace")
         if not name.startswith(self.prefix) or not set(name) <= _NAME_CHARS:
             raise ProtocolError(f"large-buffer reference outside this worker's segments: {name!r}")
+        return size, name
+
+    def _open(self, data: bytes, budget: int) -> tuple[int, int, str]:
+        """Open, lock (shared), unlink and check the segment a reference names."""
+        size, name = self.parse(data)
         path = os.path.join(self.directory, name)
         try:
             fd = os.open(path, _READ_FLAGS)
@@ -280,11 +504,13 @@ class LargeBuffers:
         except OSError as exc:
             raise ProtocolError(f"cannot open large-buffer segment {name!r}: {exc}") from None
         try:
+            # Held while this side reads or maps it: its sender may reuse it only after.
+            fcntl.flock(fd, fcntl.LOCK_SH)
             # Unlinked by a cleanup meanwhile? The descriptor still reads it.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            if not stat.S_ISREG(info.st_mode) or info.st_size < size:
                 raise ProtocolError(
                     f"large-buffer segment {name!r} holds {info.st_size} bytes, "
                     f"the reference says {size}"
@@ -294,9 +520,10 @@ class LargeBuffers:
                     f"large buffer of {size} bytes is over what is left of the message "
                     f"limit ({budget} bytes)"
                 )
-            return _read_all(fd, size, name)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd, size, name
 
 
 def _read_all(fd: int, size: int, name: str) -> bytes:

@@ -113,6 +113,10 @@ class PoolStats:
     calls_ok: int  #: calls and streams that ended with their result
     calls_failed: dict[str, int] = field(default_factory=dict)  #: by error type
     calls_cancelled: int = 0  #: calls and streams stopped by their caller
+    #: failed starts that were not the worker's own (``PlacementError``: no room,
+    #: a node lost, a flooded listener); counted in ``failed_starts`` too, never
+    #: against the restart budget
+    placement_failures: int = 0
     latency: LatencyHistogram = field(
         default_factory=lambda: LatencyRecorder().snapshot()
     )  #: how long calls took

@@ -1,7 +1,7 @@
 """PoolStatus: a per-worker snapshot of a pool, for status pages and ``corral top``.
 
 Owns: the snapshot types (``PoolStatus``, ``WorkerInfo``, ``QueueInfo``,
-``Eviction``), their JSON form (``PoolStatus.to_dict``), the bounded log of
+``Eviction``, ``NodeInfo``), their JSON form (``PoolStatus.to_dict``), the bounded log of
 recent evictions, and how a worker's exit is classified for it. Must not touch:
 the pool's decisions or the handles' state: it reads worker handles, never
 changes them. ``PoolStats`` (``_stats.py``) stays the pool's counters; this
@@ -23,7 +23,15 @@ if TYPE_CHECKING:
 
     from ._handle import WorkerHandle
 
-__all__ = ["Eviction", "EvictionLog", "PoolStatus", "QueueInfo", "WorkerInfo", "build_status"]
+__all__ = [
+    "Eviction",
+    "EvictionLog",
+    "NodeInfo",
+    "PoolStatus",
+    "QueueInfo",
+    "WorkerInfo",
+    "build_status",
+]
 
 EvictionKind = Literal["evicted", "died", "recycled", "failed_to_start"]
 
@@ -45,6 +53,20 @@ class WorkerInfo:
     leased: bool  #: held by a checkout block
     rss: int | None  #: resident memory in bytes; None unless asked for (or unknown)
     note: str | None  #: why it is draining or being stopped, or is due for recycling
+    node_id: str | None = None  #: the node it runs on (Ray's node id); None for a local worker
+    node_address: str | None = None  #: that node's address; None for a local worker
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeInfo:
+    """The pool's workers on one node: what that node's loss would take with it."""
+
+    id: str  #: the node's id (Ray's node id, or the host name)
+    address: str | None  #: the node's address
+    workers: int  #: workers placed there, whatever their state
+    ready: int  #: of which take calls now
+    inflight: int  #: calls in flight there now: what its loss would fail
+    sessions: int  #: sessions pinned there: what its loss would lose
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +160,8 @@ class PoolStatus:
     queue: QueueInfo
     evictions: tuple[Eviction, ...]  #: the most recent first
     stats: PoolStats
+    #: placed workers by node (empty for a local pool), most workers first
+    nodes: tuple[NodeInfo, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as JSON-ready builtins (the body of ``/status.json``)."""
@@ -174,8 +198,21 @@ class PoolStatus:
                     "leased": w.leased,
                     "rss": w.rss,
                     "note": w.note,
+                    "node_id": w.node_id,
+                    "node_address": w.node_address,
                 }
                 for w in self.workers
+            ],
+            "nodes": [
+                {
+                    "id": n.id,
+                    "address": n.address,
+                    "workers": n.workers,
+                    "ready": n.ready,
+                    "inflight": n.inflight,
+                    "sessions": n.sessions,
+                }
+                for n in self.nodes
             ],
             "evictions": [
                 {
@@ -206,7 +243,29 @@ def _worker_info(
         leased=worker.leased,
         rss=worker.sample_rss() if rss else None,  # None for a worker on another host
         note=worker.kill_reason or worker.recycle_reason or recycle_pending,
+        node_id=worker.node_id,
+        node_address=worker.node_address,
     )
+
+
+def _by_node(workers: Iterable[WorkerInfo]) -> tuple[NodeInfo, ...]:
+    """The placed workers summed up by node, most workers first."""
+    found: dict[str, list[WorkerInfo]] = {}
+    for w in workers:
+        if w.node_id is not None:
+            found.setdefault(w.node_id, []).append(w)
+    nodes = [
+        NodeInfo(
+            id=node,
+            address=next((w.node_address for w in ws if w.node_address), None),
+            workers=len(ws),
+            ready=sum(w.state in ("ready", "busy") for w in ws),
+            inflight=sum(w.inflight for w in ws),
+            sessions=sum(w.sessions for w in ws),
+        )
+        for node, ws in found.items()
+    ]
+    return tuple(sorted(nodes, key=lambda n: (-n.workers, n.id)))
 
 
 def build_status(
@@ -226,13 +285,15 @@ def build_status(
     ``recycle_pending`` tells why a worker waits to be recycled (the supervisor's).
     """
     now, wall = time.monotonic(), time.time()
+    infos = tuple(_worker_info(w, now, wall, rss, recycle_pending(w)) for w in workers)
     return PoolStatus(
         name=name,
         target=target,
         state=state,
         taken_at=wall,
-        workers=tuple(_worker_info(w, now, wall, rss, recycle_pending(w)) for w in workers),
+        workers=infos,
         queue=queue,
         evictions=evictions.recent(),
         stats=stats,
+        nodes=_by_node(infos),
     )

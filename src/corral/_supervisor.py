@@ -27,7 +27,13 @@ from typing import Any, cast
 
 from ._config import PoolConfig
 from ._dispatch import Dispatcher
-from ._errors import PoolFailed, SessionLost, WorkerStartError, describe_exit
+from ._errors import (
+    PoolFailed,
+    SessionLost,
+    WorkerStartError,
+    counts_against_restart_budget,
+    describe_exit,
+)
 from ._handle import WorkerHandle
 from ._launch import Launcher, WorkerSpec
 from ._log import Logger
@@ -96,6 +102,7 @@ class Supervisor:
         self.restarts = 0
         self.recycles = 0
         self.failed_starts = 0
+        self.placement_failures = 0  # failed starts that were the placement's, not the worker's
         self.evictions = EvictionLog()  # for status(): workers that left while open
 
     # --- reading -------------------------------------------------------------------
@@ -203,8 +210,14 @@ class Supervisor:
         self._remove(worker)
         now = time.monotonic()
         self.failed_starts += 1
-        self._consecutive_failures += 1
-        self._start_failures.append(now)
+        self._consecutive_failures += 1  # backoff grows either way
+        # The restart budget's one rule: only the worker's own failures count
+        # (not a placement, a lost node or a flooded listener: PlacementError).
+        counted = counts_against_restart_budget(error)
+        if counted:
+            self._start_failures.append(now)
+        else:
+            self.placement_failures += 1
         while self._start_failures and self._start_failures[0] < now - self._config.restart_window:
             self._start_failures.popleft()
         if not isinstance(error, WorkerStartError):
@@ -213,7 +226,11 @@ class Supervisor:
             )
         self._last_start_error = error
         self._log.warning(
-            "worker.start_failed", worker_id=worker.id, pid=worker.pid, error=error.message
+            "worker.start_failed" if counted else "worker.placement_failed",
+            worker_id=worker.id,
+            pid=worker.pid,
+            error=error.message,
+            **({} if counted else {"cause": getattr(error, "cause", None)}),
         )
         if self._lifecycle.state in (PoolState.STARTING, PoolState.OPEN):
             self.evictions.start_failed(worker, error.message)

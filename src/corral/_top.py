@@ -128,8 +128,10 @@ def render(
     elapsed = body["time"] - previous["time"] if previous else 0.0
     before = {w["id"]: w["calls_served"] for w in previous["workers"]} if previous else {}
     workers = Table(box=box.SIMPLE_HEAD, title="workers", title_justify="left", expand=False)
+    placed = any(w.get("node_id") for w in body["workers"])
     for name, justify in [
         ("worker", "left"),
+        *([("node", "left")] if placed else []),
         ("pid", "right"),
         ("state", "left"),
         ("uptime", "right"),
@@ -150,6 +152,7 @@ def render(
             state.append(" leased", style="yellow")
         workers.add_row(
             w["id"],
+            *([_node_label(w.get("node_id"), w.get("node_address"))] if placed else []),
             "-" if w["pid"] is None else str(w["pid"]),
             state,
             _duration(w["uptime"]),
@@ -180,7 +183,29 @@ def render(
         )
     if not body["evictions"]:
         evictions.add_row("none since the pool started", "", "", "", "")
-    return Group(header, workers, waiting, evictions)
+    shown: list[RenderableType] = [header, workers]
+    if body.get("nodes"):
+        nodes = Table(box=box.SIMPLE_HEAD, title="nodes", title_justify="left", expand=False)
+        for name in ("node", "workers", "ready", "in flight", "sessions"):
+            nodes.add_column(name, justify="left" if name == "node" else "right")
+        for n in body["nodes"]:
+            nodes.add_row(
+                _node_label(n["id"], n["address"]),
+                str(n["workers"]),
+                str(n["ready"]),
+                str(n["inflight"]),
+                str(n["sessions"]),
+            )
+        shown.append(nodes)
+    return Group(*shown, waiting, evictions)
+
+
+def _node_label(node_id: str | None, address: str | None) -> str:
+    """A node as a column shows it: its id's first 8 characters and its address."""
+    if not node_id:
+        return "-"
+    short = node_id[:8] if len(node_id) > 12 else node_id
+    return f"{short} {address}" if address else short
 
 
 def _console() -> Console:

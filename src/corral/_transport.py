@@ -177,7 +177,7 @@ class _WriteProtocol(asyncio.Protocol):
 class FrameWriter:
     """Frames onto an asyncio write transport, coalesced in bursts (``TickBatch``)."""
 
-    __slots__ = ("_append", "_batch", "_closed", "_queued", "_transport", "_write")
+    __slots__ = ("_append", "_batch", "_closed", "_queued", "_release", "_transport", "_write")
 
     def __init__(
         self,
@@ -188,6 +188,7 @@ class FrameWriter:
         self._transport = transport
         self._write = transport.write
         self._append = encoder.append
+        self._release = encoder.close
         self._batch = tick_batch(loop)
         self._queued = bytearray()  # frames waiting for the batch's flush
         self._closed = False
@@ -224,6 +225,8 @@ class FrameWriter:
         self.flush()
         self._closed = True
         self._transport.close()
+        self._release()  # segments kept for reuse: nothing more is sent
+        self._release()  # segments kept for reuse: nothing more is sent
 
 
 class PipeConnection:

@@ -12,8 +12,10 @@
 Owns: turning each worker start into one Ray actor (its resources, runtime
 environment and scheduling options), and what Ray says about it: a request
 Ray cannot place (it stays pending forever) ends at ``start_timeout`` with the
-actor killed and a ``WorkerStartError`` naming what was asked for; an actor
-that dies is a backstop for noticing a lost worker. Must not touch: the calls
+actor killed and a ``PlacementError`` naming what was asked for; an actor
+that dies before its shim connected back is a ``PlacementError`` too (the
+launcher asks Ray whether its node died), never the worker's failure; an
+actor that dies later is a backstop for noticing a lost worker. Must not touch: the calls
 (they go over corral's own sockets, straight from the pool to the worker, never
 through Ray's RPC), supervision (corral restarts workers: every actor has
 ``max_restarts=0``), or the shim's work (``_launch._shim``). See docs/scale-out.md.
@@ -32,7 +34,7 @@ from typing import Any
 
 import msgspec
 
-from ._errors import WorkerStartError
+from ._errors import PlacementError, WorkerStartError
 from ._launch import WorkerSpec
 from ._launch._shim import ShimOrder
 from ._launch._socket_launcher import Listener, Placement, ShimLauncher
@@ -68,7 +70,12 @@ class _ShimActor:
         """Connect back to the pool, start the worker, supervise it; its exit status."""
         from corral._launch._shim import run_shim
 
-        return run_shim(msgspec.msgpack.decode(order, type=ShimOrder), key)
+        return run_shim(
+            msgspec.msgpack.decode(order, type=ShimOrder),
+            key,
+            node_id=ray.get_runtime_context().get_node_id(),
+            node_address=ray.util.get_node_ip_address(),
+        )
 
 
 _RemoteShimActor = ray.remote(_ShimActor)
@@ -80,6 +87,7 @@ class _RayPlacement:
     def __init__(self, actor: Any, run: Any, described: str) -> None:
         self._actor = actor
         self._described = described
+        self.error: BaseException | None = None  # what Ray raised for the run, if it did
         self._stopped = False
         self._finished: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._watch = asyncio.ensure_future(self._wait(run))
@@ -93,8 +101,10 @@ class _RayPlacement:
             code = await run
             how = f"the shim returned the worker's exit status {code}"
         except ray.exceptions.RayActorError as exc:
+            self.error = exc
             how = f"the Ray actor died: {_first_line(exc)}"
         except ray.exceptions.RayError as exc:
+            self.error = exc
             how = f"{type(exc).__name__}: {_first_line(exc)}"
         if not self._finished.done():
             self._finished.set_result(how)
@@ -108,6 +118,39 @@ class _RayPlacement:
 
     def describe(self) -> str:
         return self._described
+
+    def actor_id(self) -> str:
+        return str(self._actor._actor_id.hex())
+
+
+def _actor_node(actor_id: str) -> str | None:
+    """The id of the node Ray put the actor on; None if not placed yet, or unknown.
+
+    Ray's public state API needs its dashboard; this reads Ray's actor table
+    from the cluster's control store, as ``ray.nodes()`` reads its node table.
+    """
+    try:
+        from ray._private import state
+
+        info = state.actors(actor_id=actor_id)
+    except (ImportError, AttributeError, ray.exceptions.RayError, ValueError, KeyError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    node = (info.get("Address") or {}).get("NodeID")
+    return str(node) if node and str(node).strip("0") else None  # all zeros: not placed
+
+
+def node_alive(node_id: str) -> bool | None:
+    """Whether Ray counts that node alive now; None if Ray does not know it."""
+    try:
+        nodes = ray.nodes()
+    except ray.exceptions.RayError:
+        return None
+    for node in nodes:
+        if node.get("NodeID") == node_id:
+            return bool(node.get("Alive"))
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -253,6 +296,31 @@ class RayLauncher(ShimLauncher):
             ) from exc
         _log.debug("worker.actor_requested", worker_id=spec.worker_id, options=self.requested)
         return _RayPlacement(actor, run, self._describe_request())
+
+    def _placement_ended(
+        self, spec: WorkerSpec, placement: Placement, how: str, listener_busy: bool
+    ) -> WorkerStartError:
+        """Whose failure was it? Ask Ray what became of the actor and of its node.
+
+        The actor died of a system cause before its shim connected back (its
+        node died, it was cancelled before it ran): not the worker's code, a
+        ``PlacementError``. The actor's own creation failing (corral not
+        importable there) or the shim failing (the pool unreachable) counts.
+        """
+        error = getattr(placement, "error", None)
+        if listener_busy or not isinstance(error, ray.exceptions.RayActorError):
+            return super()._placement_ended(spec, placement, how, listener_busy)
+        if error.actor_init_failed:
+            return super()._placement_ended(spec, placement, how, listener_busy)
+        actor_id = getattr(placement, "actor_id", lambda: "")()
+        node = _actor_node(actor_id) if actor_id else None
+        alive = node_alive(node) if node is not None else None
+        message = f"worker {spec.worker_id} could not be placed or connect back: {how}"
+        if alive is False:
+            return PlacementError(
+                f"{message} (its node {node} died)", cause="node_lost", worker_id=spec.worker_id
+            )
+        return PlacementError(message, cause="placement", worker_id=spec.worker_id)
 
     def _start_timed_out(self, spec: WorkerSpec, placement: Placement) -> WorkerStartError:
         try:

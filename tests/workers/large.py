@@ -64,5 +64,17 @@ def die_while_writing(size: int) -> bytes:
         os.write(fd, data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def copy_half_then_die(mapping, data: memoryview) -> None:  # a pooled segment
+        with memoryview(mapping) as target:
+            target[: len(data) // 2] = data[: len(data) // 2]
+        os.kill(os.getpid(), signal.SIGKILL)
+
     corral._shm._fill = half_then_die
+    corral._shm._copy = copy_half_then_die
     return pattern(size)
+
+
+@app.handler
+def make_many(n: int, size: int) -> list[bytes]:
+    """A list of ``n`` buffers of ``size`` bytes: each under the threshold or not."""
+    return [pattern(size) for _ in range(n)]

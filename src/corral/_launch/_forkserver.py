@@ -334,6 +334,8 @@ class ForkedWorker(ShepherdControl):
     """
 
     same_host = True  # its pid and /proc are this host's
+    node_id: str | None = None
+    node_address: str | None = None
 
     connection: FrameConnection
 

@@ -11,12 +11,20 @@ and a peer that stalls is dropped at the deadline.
 
 The exchange (all sizes fixed, ``||`` is concatenation)::
 
-    pool -> peer  MAGIC || server_nonce                                   40 bytes
+    peer -> pool  MAGIC || role || ticket_id  (the knock, sent on connect) 25 bytes
+    pool -> peer  MAGIC || server_nonce        (sent on accept)            40 bytes
     peer -> pool  u16 length (= 81) || role || ticket_id || client_nonce
                   || HMAC-SHA256(key, "corral-peer" || server_nonce
                                       || client_nonce || role || ticket_id)  2 + 81
     pool -> peer  b"OK" || HMAC-SHA256(key, "corral-pool" || client_nonce
                                       || server_nonce || role || ticket_id)  34 bytes
+
+The knock proves nothing (the MAC does): it only lets the listener see, the
+moment it accepts a connection and before it gives it a handshake slot,
+whether the peer names a launch in progress. Such a peer gets a slot reserved
+for that launch, so strangers filling every other slot cannot keep a launched
+worker out. A connection the pool closes before its greeting was refused for
+load (``ListenerBusy``): the shim connects again, with backoff.
 
 A ticket is made for one worker launch: a random public id, a random 32-byte
 key, and one expected connection per role. Each role is accepted once (a
@@ -38,21 +46,26 @@ from dataclasses import dataclass, field
 __all__ = [
     "CLIENT_HELLO_SIZE",
     "MAGIC",
+    "KNOCK_SIZE",
     "HandshakeError",
+    "ListenerBusy",
     "Role",
     "Ticket",
     "TicketBook",
     "client_handshake",
+    "knock",
+    "read_knock",
     "server_handshake",
 ]
 
-MAGIC = b"CORRAL\x00\x01"  # protocol name and handshake version
+MAGIC = b"CORRAL\x00\x02"  # protocol name and handshake version
 NONCE_SIZE = 32
 TICKET_ID_SIZE = 16
 KEY_SIZE = 32
 MAC_SIZE = 32
 # role (1) + ticket id + client nonce + MAC
 CLIENT_HELLO_SIZE = 1 + TICKET_ID_SIZE + NONCE_SIZE + MAC_SIZE
+KNOCK_SIZE = len(MAGIC) + 1 + TICKET_ID_SIZE  # MAGIC || role || ticket id
 _LENGTH_SIZE = 2
 _OK = b"OK"
 
@@ -67,6 +80,25 @@ class Role(enum.IntEnum):
 
 class HandshakeError(Exception):
     """The peer is not who it must be, or did not say so in time and in form."""
+
+
+class ListenerBusy(HandshakeError):
+    """The pool closed the connection before greeting it: its listener is at its limit.
+
+    Not a refusal of the ticket (that comes after the hello): connect again.
+    """
+
+
+def knock(role: Role, ticket_id: bytes) -> bytes:
+    """The first bytes a peer sends, at once on connecting: which launch it is for."""
+    return MAGIC + bytes((role,)) + ticket_id
+
+
+def read_knock(data: bytes) -> tuple[bytes, int] | None:
+    """(ticket id, role) from a knock; None if ``data`` is not one."""
+    if len(data) != KNOCK_SIZE or not data.startswith(MAGIC):
+        return None
+    return data[len(MAGIC) + 1 :], data[len(MAGIC)]
 
 
 def _mac(
@@ -131,6 +163,16 @@ class TicketBook:
     def __len__(self) -> int:
         return len(self._tickets)
 
+    def expecting(self) -> int:
+        """How many connections the live tickets still wait for (one per role each)."""
+        return sum(
+            1
+            for ticket in self._tickets.values()
+            if not ticket.expired
+            for future in ticket.accepted.values()
+            if not future.done()
+        )
+
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
     buffer = bytearray(n)
@@ -157,6 +199,12 @@ async def server_handshake(
     server_nonce = secrets.token_bytes(NONCE_SIZE)
     async with asyncio.timeout(timeout):
         await loop.sock_sendall(sock, MAGIC + server_nonce)
+        # The magic alone first: a peer that speaks anything else is refused on it.
+        magic = await _recv_exactly(loop, sock, len(MAGIC))
+        if magic != MAGIC:
+            raise HandshakeError("the peer did not knock as a corral shim")
+        knocked = read_knock(magic + await _recv_exactly(loop, sock, KNOCK_SIZE - len(MAGIC)))
+        assert knocked is not None
         length = int.from_bytes(await _recv_exactly(loop, sock, _LENGTH_SIZE), "big")
         if length != CLIENT_HELLO_SIZE:
             raise HandshakeError(
@@ -167,6 +215,8 @@ async def server_handshake(
         ticket_id = hello[1 : 1 + TICKET_ID_SIZE]
         client_nonce = hello[1 + TICKET_ID_SIZE : 1 + TICKET_ID_SIZE + NONCE_SIZE]
         their_mac = hello[1 + TICKET_ID_SIZE + NONCE_SIZE :]
+        if knocked != (ticket_id, role):
+            raise HandshakeError("the hello names another ticket or role than the knock")
         ticket = book.lookup(ticket_id, role)
         # Compare against a MAC even for an unknown ticket, so the time taken
         # does not tell which ticket ids exist.
@@ -194,9 +244,14 @@ def _recv_exactly_blocking(sock: socket.socket, n: int) -> bytes:
 def client_handshake(sock: socket.socket, ticket_id: bytes, key: bytes, role: Role) -> None:
     """The shim's side, on a connected blocking socket (with a timeout set).
 
-    Raises HandshakeError if the pool refuses us or cannot prove it holds the key.
+    Raises HandshakeError if the pool refuses us or cannot prove it holds the key,
+    and ListenerBusy if it closed the connection before greeting us (try again).
     """
-    greeting = _recv_exactly_blocking(sock, len(MAGIC) + NONCE_SIZE)
+    try:
+        sock.sendall(knock(role, ticket_id))
+        greeting = _recv_exactly_blocking(sock, len(MAGIC) + NONCE_SIZE)
+    except (HandshakeError, ConnectionResetError, BrokenPipeError) as exc:
+        raise ListenerBusy(f"the pool closed the connection before greeting it ({exc})") from exc
     if greeting[: len(MAGIC)] != MAGIC:
         raise HandshakeError("the peer is not a corral pool (or speaks another version)")
     server_nonce = greeting[len(MAGIC) :]

@@ -32,6 +32,8 @@ class _LocalWorker(ShepherdControl):
     """A worker spawned on this host; the pool signals it through its shepherd."""
 
     same_host = True  # its pid and /proc are this host's
+    node_id: str | None = None
+    node_address: str | None = None
 
     def __init__(
         self,

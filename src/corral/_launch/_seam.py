@@ -40,6 +40,10 @@ class LaunchedWorker(Protocol):
     """The launcher's handle on one started worker."""
 
     connection: FrameConnection
+    #: Where it runs when a launcher placed it on another node (its id and
+    #: address, as the launcher reports them); None for a worker on this host.
+    node_id: str | None
+    node_address: str | None
 
     @property
     def pid(self) -> int:

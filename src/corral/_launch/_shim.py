@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import selectors
 import signal
 import socket
@@ -36,7 +37,7 @@ from typing import Any
 import msgspec
 
 from .._framing import FrameDecoder, FrameEncoder
-from ._handshake import HandshakeError, Role, client_handshake
+from ._handshake import HandshakeError, ListenerBusy, Role, client_handshake
 from ._spawn import shepherd_command
 from ._spec import WorkerSpec
 
@@ -61,6 +62,9 @@ _DRAIN_AFTER_EXIT = 0.5  # how long the last stderr bytes may take after the exi
 _KEEPALIVE_IDLE = 10
 _KEEPALIVE_INTERVAL = 5
 _KEEPALIVE_COUNT = 3
+# A listener that closed us before its greeting was at its limit: try again.
+_BUSY_RETRY_FIRST = 0.01
+_BUSY_RETRY_MAX = 0.5
 
 
 class ShimOrder(msgspec.Struct, frozen=True):
@@ -91,10 +95,17 @@ class _ShimMsg(msgspec.Struct, frozen=True, array_like=True, tag_field="t"):
 
 
 class ShimStarted(_ShimMsg, tag=1, frozen=True):
-    """The worker's shepherd is running: its pid and the host it runs on."""
+    """The worker's shepherd is running: its pid, the host and the node it runs on.
+
+    ``node_id`` is the placing system's id of the node (Ray's node id), else the
+    host name; ``node_address`` the node's address (the one the shim connected
+    from, unless the placing system says).
+    """
 
     pid: int
     host: str
+    node_id: str = ""
+    node_address: str = ""
 
 
 class ShimStderr(_ShimMsg, tag=2, frozen=True):
@@ -138,8 +149,8 @@ def _tune(sock: socket.socket, nodelay: bool) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _connect(order: ShimOrder, key: bytes, role: Role) -> socket.socket:
-    sock = socket.create_connection((order.host, order.port), timeout=order.connect_timeout)
+def _connect_once(order: ShimOrder, key: bytes, role: Role, timeout: float) -> socket.socket:
+    sock = socket.create_connection((order.host, order.port), timeout=timeout)
     try:
         _tune(sock, nodelay=role is not Role.SUPERVISION)
         client_handshake(sock, order.ticket_id, key, role)
@@ -147,6 +158,26 @@ def _connect(order: ShimOrder, key: bytes, role: Role) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _connect(order: ShimOrder, key: bytes, role: Role) -> socket.socket:
+    """Connect and authenticate; while the pool's listener is busy, again, with backoff.
+
+    Gives up (``ListenerBusy``) after ``connect_timeout`` seconds of refusals.
+    """
+    deadline = time.monotonic() + order.connect_timeout
+    delay = _BUSY_RETRY_FIRST
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return _connect_once(order, key, role, max(left, _BUSY_RETRY_FIRST))
+        except ListenerBusy as exc:
+            if time.monotonic() + delay >= deadline:
+                raise ListenerBusy(
+                    f"the pool's listener stayed busy for {order.connect_timeout}s: {exc}"
+                ) from exc
+        time.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(delay * 2, _BUSY_RETRY_MAX)
 
 
 class _Supervised:
@@ -229,9 +260,13 @@ def _drain(stderr: int, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
-def run_shim(order: ShimOrder, key: bytes) -> int:
+def run_shim(
+    order: ShimOrder, key: bytes, node_id: str | None = None, node_address: str | None = None
+) -> int:
     """Connect, start the worker, supervise it; returns the worker's exit status.
 
+    ``node_id`` and ``node_address`` say where this runs, as the placing system
+    knows it (default: the host name, and the address the shim connected from).
     Raises (HandshakeError, OSError) if the pool cannot be reached or refuses
     us; nothing was started then.
     """
@@ -260,7 +295,12 @@ def run_shim(order: ShimOrder, key: bytes) -> int:
         return 127
     supervision.settimeout(_SEND_TIMEOUT)
     supervisor = _Supervisor(_Supervised(proc, lifeline), supervision, encoder)
-    supervisor.send(ShimStarted(proc.pid, socket.gethostname()))
+    host = socket.gethostname()
+    try:
+        local_address = str(supervision.getsockname()[0])
+    except OSError:
+        local_address = ""
+    supervisor.send(ShimStarted(proc.pid, host, node_id or host, node_address or local_address))
     return supervisor.run()
 
 

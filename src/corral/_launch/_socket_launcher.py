@@ -26,17 +26,26 @@ import contextlib
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
 
-from .._errors import ProtocolError, WorkerStartError
+from .._errors import PlacementError, ProtocolError, WorkerStartError
 from .._framing import FrameDecoder, FrameEncoder
 from .._log import get_logger
 from .._messages import ParentBound
 from .._transport import FrameWriter, _ReadProtocol, tick_batch
-from ._handshake import HandshakeError, Role, Ticket, TicketBook, server_handshake
+from ._handshake import (
+    KNOCK_SIZE,
+    HandshakeError,
+    Role,
+    Ticket,
+    TicketBook,
+    read_knock,
+    server_handshake,
+)
 from ._seam import NothingHeld, WorkerEvents
 from ._shim import (
     ShimExited,
@@ -63,6 +72,7 @@ _SUPERVISION_LIMIT = 1024 * 1024
 _MAX_PENDING_HANDSHAKES = 64
 _ACCEPT_BURST = 32
 _PLACEMENT_END_GRACE = 1.0  # after the placement ends, how long the exit status may take
+_BUSY_LOG_INTERVAL = 1.0  # refusals for load: at most one warning (with a count) this often
 
 _log = get_logger("corral")
 
@@ -71,9 +81,13 @@ class Listener:
     """A TCP listening socket that admits only peers presenting a live ticket.
 
     Every accepted connection goes through ``server_handshake`` within
-    ``handshake_timeout``; at most ``max_pending`` handshakes run at once (more
-    are closed at once). An authenticated socket is handed to the launch that
-    issued its ticket; anything else is closed, and counted in ``rejected``.
+    ``handshake_timeout``. A connection whose knock (already there when it is
+    accepted) names a launch in progress takes a slot reserved for that launch;
+    any other takes one of ``max_pending`` shared slots, and is closed at once
+    when none is free (counted in ``busy``: its shim connects again). So
+    strangers can fill the shared slots, never a launch's. An authenticated
+    socket is handed to the launch that issued its ticket; anything else is
+    closed, and counted in ``rejected``.
     """
 
     def __init__(
@@ -91,10 +105,14 @@ class Listener:
         self.max_pending = max_pending
         self.tickets = TicketBook()
         self.rejected = 0
+        self.busy = 0  # connections closed at once: every shared slot was taken
+        self._busy_logged = 0  # ``busy`` when the last warning about it was logged
+        self._busy_logged_at = -_BUSY_LOG_INTERVAL
         self._requested_port = port
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._reserved: set[asyncio.Task[None]] = set()  # knocked for a live ticket
         self._rejection: asyncio.Event | None = None
 
     @property
@@ -112,7 +130,7 @@ class Listener:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self._requested_port))
-            sock.listen(128)
+            sock.listen(socket.SOMAXCONN)
             sock.setblocking(False)
             self._loop.add_reader(sock.fileno(), self._on_acceptable)
         except BaseException:
@@ -144,14 +162,47 @@ class Listener:
                 _log.warning("listener.accept_failed", error=str(exc))
                 return
             conn.setblocking(False)
-            if len(self._handshakes) >= self.max_pending:
+            if self._knocks_for_a_launch(conn):
+                slots = self._reserved
+            elif len(self._handshakes) < self.max_pending:
+                slots = self._handshakes
+            else:
+                self.busy += 1
                 self._rejected()
-                _log.warning("listener.too_many_handshakes", peer=str(peer))
+                self._log_refusal(peer)
                 conn.close()
                 continue
             task = self._loop.create_task(self._admit(conn, peer))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            slots.add(task)
+            task.add_done_callback(slots.discard)
+
+    def _log_refusal(self, peer: Any) -> None:
+        """One warning per second at most, with the count: a flood must not flood the log."""
+        now = time.monotonic()
+        if now - self._busy_logged_at >= _BUSY_LOG_INTERVAL:
+            _log.warning(
+                "listener.too_many_handshakes",
+                peer=str(peer),
+                refused=self.busy - self._busy_logged,
+                max_pending=self.max_pending,
+            )
+            self._busy_logged_at = now
+            self._busy_logged = self.busy
+
+    def _knocks_for_a_launch(self, conn: socket.socket) -> bool:
+        """Whether the peer's knock, already received, names a launch still waiting for it.
+
+        Reserved slots are bounded by what the live tickets wait for, so even a
+        peer that learnt a ticket id cannot take more than that.
+        """
+        try:
+            first = conn.recv(KNOCK_SIZE, socket.MSG_PEEK)
+        except OSError:  # nothing yet (BlockingIOError), or already reset
+            return False
+        knocked = read_knock(first)
+        if knocked is None or self.tickets.lookup(*knocked) is None:
+            return False
+        return len(self._reserved) < self.tickets.expecting()
 
     async def _admit(self, conn: socket.socket, peer: Any) -> None:
         handed_over = False
@@ -179,7 +230,7 @@ class Listener:
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
         self._sock = None
-        for task in list(self._handshakes):
+        for task in [*self._handshakes, *self._reserved]:
             task.cancel()
 
     @property
@@ -264,6 +315,8 @@ class RemoteWorker:
         self.placement = placement
         self.same_host = same_host
         self.host: str | None = None
+        self.node_id: str | None = None  # where it runs, once the shim said
+        self.node_address: str | None = None
         self.connection: SocketConnection
         self._events = events
         self._kill_timeout = kill_timeout
@@ -327,6 +380,9 @@ class RemoteWorker:
         elif isinstance(message, ShimStarted):
             self._pid = message.pid
             self.host = message.host
+            self.node_id = message.node_id or message.host
+            self.node_address = message.node_address or None
+            self._log = self._log.bind(node_id=self.node_id, node_address=self.node_address)
             if not self.started.done():
                 self.started.set_result(None)
         elif isinstance(message, ShimExited):
@@ -511,6 +567,26 @@ class ShimLauncher(NothingHeld):
             connect_timeout=self.handshake_timeout,
         )
 
+    def _placement_ended(
+        self, spec: WorkerSpec, placement: Placement, how: str, listener_busy: bool
+    ) -> WorkerStartError:
+        """The error for a shim that ended before it connected back: whose failure was it?
+
+        ``listener_busy``: the listener turned connections away for load while
+        this launch waited (the shim gave up knocking): not the worker's failure.
+        A subclass that can ask its cluster (``corral.ray``) also tells a lost
+        node apart. Anything else counts: the worker's code, or a configuration
+        the pool must report (a wrong ``advertise_host``...).
+        """
+        message = f"worker {spec.worker_id} could not be placed or connect back: {how}"
+        if listener_busy:
+            return PlacementError(
+                message + " (the pool's listener was turning connections away for load)",
+                cause="listener_busy",
+                worker_id=spec.worker_id,
+            )
+        return WorkerStartError(message, worker_id=spec.worker_id)
+
     def _start_timed_out(self, spec: WorkerSpec, placement: Placement) -> WorkerStartError:
         return WorkerStartError(
             f"worker {spec.worker_id} did not connect back within start_timeout="
@@ -564,8 +640,9 @@ class ShimLauncher(NothingHeld):
 
         try:
             order = self._order(spec, listener.advertise_host, listener.port, ticket)
+            busy_before = listener.busy
             placement = await self._place(spec, order, ticket.key)
-            sockets = await self._connections(spec, ticket, placement, deadline)
+            sockets = await self._connections(spec, ticket, placement, deadline, busy_before)
             worker = RemoteWorker(
                 spec,
                 events,
@@ -595,11 +672,16 @@ class ShimLauncher(NothingHeld):
             raise
         finally:
             listener.tickets.revoke(ticket)
-        worker._log.debug("worker.placed", host=worker.host, shepherd_pid=worker.pid)
+        worker._log.info("worker.placed", host=worker.host, shepherd_pid=worker.pid)
         return worker
 
     async def _connections(
-        self, spec: WorkerSpec, ticket: Ticket, placement: Placement, deadline: float
+        self,
+        spec: WorkerSpec,
+        ticket: Ticket,
+        placement: Placement,
+        deadline: float,
+        busy_before: int,
     ) -> dict[Role, socket.socket]:
         waiting: set[asyncio.Future[Any]] = {*ticket.accepted.values(), placement.finished}
         loop = asyncio.get_running_loop()
@@ -608,13 +690,17 @@ class ShimLauncher(NothingHeld):
                 waiting, timeout=max(0.0, deadline - loop.time()), return_when="FIRST_COMPLETED"
             )
             if not done:
-                raise self._start_timed_out(spec, placement)
+                error = self._start_timed_out(spec, placement)
+                if not any(f.done() for f in ticket.accepted.values()):
+                    # Nothing of the worker ever ran here: nowhere to place it in time.
+                    error = PlacementError(
+                        error.message, cause="placement", worker_id=spec.worker_id
+                    )
+                raise error
             if placement.finished in done:
-                raise WorkerStartError(
-                    f"worker {spec.worker_id} could not be placed or connect back: "
-                    f"{placement.finished.result()}",
-                    worker_id=spec.worker_id,
-                )
+                listener = self._listener
+                busy = listener is not None and listener.busy > busy_before
+                raise self._placement_ended(spec, placement, placement.finished.result(), busy)
             waiting -= done
         return {role: future.result() for role, future in ticket.accepted.items()}
 

@@ -188,11 +188,13 @@ class App:
     def __init__(self, name: str | None = None, *, sync_mode: str = "auto") -> None:
         """``sync_mode`` says where sync handlers run; all of them on one thread:
 
-        - ``"inline"``: on the worker's main thread, the one its event loop runs
-          on (fastest: no thread hop; async handlers wait while one runs);
-        - ``"thread"``: on a dedicated thread, so async handlers keep running;
-        - ``"auto"`` (default): inline for an app without async handlers, else
-          on the thread.
+        - ``"auto"`` (default): on the worker's main thread, which reads the
+          calls (no event loop, no thread hop); async handlers run on an event
+          loop of their own thread, and keep running while a sync one does;
+        - ``"inline"``: the same as ``"auto"``;
+        - ``"thread"``: on a dedicated thread, while the main thread's event
+          loop reads the calls and runs async handlers (new calls are read
+          while a sync handler runs, at the price of a thread hop per call).
         """
         if sync_mode not in ("auto", "inline", "thread"):
             raise ValueError(f"sync_mode must be 'auto', 'inline' or 'thread', got {sync_mode!r}")
@@ -230,7 +232,7 @@ class App:
 
     @property
     def has_async_handlers(self) -> bool:
-        """True if any handler is async; ``sync_mode="auto"`` then runs sync ones on a thread."""
+        """True if any handler is async: the worker then starts an event loop on a thread."""
         return any(
             h.kind in (HandlerKind.ASYNC, HandlerKind.ASYNC_GEN) for h in self.handlers.values()
         )

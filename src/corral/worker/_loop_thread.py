@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import contextlib
 import os
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -39,13 +40,16 @@ class LoopThread:
     def __init__(self, runtime: MainThreadRuntime) -> None:
         self._runtime = runtime
         self._flush_scheduled = False  # loop thread only
-        # Work handed over by other threads, in order, and the pipe that wakes the
-        # loop for it: one write and one read per wake-up, where the loop's own
+        # Work handed over by other threads, in order, and what wakes the loop
+        # for it: one write and one read per wake-up, where the loop's own
         # call_soon_threadsafe costs a send and two recvs.
         self._inbox: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = (
             collections.deque()
         )
-        self._wake_r, self._wake_w = os.pipe()
+        # A socket pair, as asyncio's own self-pipe: the worker's pipes are its
+        # protocol's alone (tests/test_hygiene.py).
+        self._wake_pair = socket.socketpair()
+        self._wake_r, self._wake_w = (end.fileno() for end in self._wake_pair)
         os.set_blocking(self._wake_r, False)
         self._closed = False
         ready = threading.Event()
@@ -69,9 +73,8 @@ class LoopThread:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
-                for fd in (self._wake_r, self._wake_w):
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                for end in self._wake_pair:
+                    end.close()
 
     # --- from the main (or control) thread --------------------------------------
 

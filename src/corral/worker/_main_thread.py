@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from .._blocking_writer import BlockingFrameWriter
 from .._errors import EncodeError, PayloadTooLarge, ProtocolError
 from .._framing import FrameDecoder, FrameEncoder
+from .._log import get_logger
 from .._messages import (
     PROTOCOL_VERSION,
     Call,
@@ -60,7 +61,6 @@ from .._messages import (
 )
 from . import _tracing
 from ._app import App, Context, Handler, HandlerKind
-from ._log import worker_log
 
 if TYPE_CHECKING:
     import asyncio
@@ -151,9 +151,10 @@ class MainThreadRuntime:
         self._stopping = False  # no more reading: the loop thread says when it is idle
         self._idle = threading.Event()
         self._wake_fds: tuple[int, int] | None = None  # made when the main thread first waits
+        self._wake_pair: tuple[Any, ...] = ()  # the sockets behind _wake_fds
         # The loop thread, started for async code only:
         self._async: LoopThread | None = None
-        self._log = worker_log(worker_id)
+        self._log = get_logger("corral.worker").bind(worker_id=worker_id, pid=os.getpid())
 
     # --- output ----------------------------------------------------------------
 
@@ -291,7 +292,10 @@ class MainThreadRuntime:
         signalled before it existed is checked before waiting.
         """
         if self._wake_fds is None:
-            self._wake_fds = os.pipe()
+            import socket  # a socket pair, not a pipe: the worker's pipes are its protocol's
+
+            self._wake_pair = socket.socketpair()
+            self._wake_fds = (self._wake_pair[0].fileno(), self._wake_pair[1].fileno())
         self._step_stopped_streams()
         if self._shutdown_requested and not self._running:
             self._reading = False
@@ -688,9 +692,8 @@ class MainThreadRuntime:
         """Stop the loop thread (after the shutdown hooks) and release the wake pipe."""
         if self._async is not None:
             self._async.close()
-        for fd in self._wake_fds or ():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for end in self._wake_pair:
+            end.close()
 
 
 def serve(

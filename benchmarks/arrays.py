@@ -1,0 +1,271 @@
+"""Arrays, tables and large bytes across the pool, against the usual alternatives.
+
+    python -m benchmarks.arrays            # full run: medians of 5 repeats
+    python -m benchmarks.arrays --quick    # smoke test: 1 repeat, small counts
+
+Figures, all in one run, so that ratios hold on a loaded machine:
+
+Default settings, except ``max_message_size`` (256 MiB, for the table).
+
+- echo of 64 MiB ``bytes`` and of a 64 MiB float64 ``numpy.ndarray``: corral
+  (default settings: shared memory over 256 KiB), ``ProcessPoolExecutor``
+  (pickle) and ``anyio.to_process``;
+- round trip of a 1,000,000-row, 10-column Arrow table (ints, floats, strings):
+  corral against pickling it through ``ProcessPoolExecutor``;
+- 1 KiB arrays against 1 KiB ``bytes`` per call, through corral;
+- the peak of /dev/shm that corral's segments use under 64 concurrent 4 MiB
+  array echoes.
+
+Every rate is given twice: against wall time, and against the CPU time that
+this process and its children spent (``psutil``), which stays meaningful when
+other programs share the cores. GB/s are 10^9 bytes of payload per second of
+one round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import psutil
+
+from benchmarks import array_tasks
+
+WORKERS = 2
+MIB = 1024 * 1024
+Call = Callable[..., Awaitable[Any]]
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and every live descendant."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += sum(child.cpu_times()[:2])
+    return total
+
+
+@contextlib.asynccontextmanager
+async def corral_system() -> AsyncIterator[Call]:
+    import corral
+
+    # The 1M-row table is about 79 MiB: over the default limit of 65 MiB.
+    async with corral.Pool(
+        "benchmarks.array_app:app", size=WORKERS, max_message_size=256 * MIB
+    ) as pool:
+        yield pool.call
+
+
+@contextlib.asynccontextmanager
+async def executor_system() -> AsyncIterator[Call]:
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(WORKERS) as executor:
+        for _ in range(WORKERS):
+            await loop.run_in_executor(executor, array_tasks.noop)
+
+        async def call(method: str, *args: Any) -> Any:
+            return await loop.run_in_executor(executor, array_tasks.TASKS[method], *args)
+
+        yield call
+
+
+@contextlib.asynccontextmanager
+async def anyio_system() -> AsyncIterator[Call]:
+    import anyio
+    import anyio.to_process
+
+    limiter = anyio.CapacityLimiter(WORKERS)
+
+    async def call(method: str, *args: Any) -> Any:
+        return await anyio.to_process.run_sync(array_tasks.TASKS[method], *args, limiter=limiter)
+
+    await asyncio.gather(*(call("noop") for _ in range(WORKERS)))
+    yield call
+
+
+SYSTEMS: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Call]]] = {
+    "corral": corral_system,
+    "ProcessPoolExecutor": executor_system,
+    "anyio.to_process": anyio_system,
+}
+
+
+async def round_trips(call: Call, value: Any, n: int) -> tuple[float, float]:
+    """Seconds of wall and of CPU per echo of ``value`` (after one warm-up)."""
+    await call("echo", value)
+    cpu, wall = _cpu(), time.perf_counter()
+    for _ in range(n):
+        result = await call("echo", value)
+        del result
+    return (time.perf_counter() - wall) / n, (_cpu() - cpu) / n
+
+
+def make_table(rows: int) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    columns: dict[str, Any] = {}
+    for k in range(4):
+        columns[f"i{k}"] = rng.integers(0, 1 << 40, rows)
+    for k in range(4):
+        columns[f"f{k}"] = rng.random(rows)
+    words = np.array(["alpha", "beta", "gamma", "delta", "epsilon"])
+    for k in range(2):
+        columns[f"s{k}"] = pa.array(words[rng.integers(0, 5, rows)])
+    return pa.table(columns)
+
+
+async def peak_shm(n_calls: int, size: int) -> tuple[int, int]:
+    """Peak bytes of corral's named segments, and of /dev/shm used, during a burst."""
+    import numpy as np
+
+    import corral
+
+    array = np.ones(size // 8)
+    base = _shm_used()
+    peak_named = peak_used = 0
+    stop = threading.Event()
+
+    def sample(prefix: str) -> None:
+        nonlocal peak_named, peak_used
+        while not stop.is_set():
+            named = 0
+            with contextlib.suppress(OSError):
+                for entry in os.scandir("/dev/shm"):
+                    if entry.name.startswith(prefix):
+                        with contextlib.suppress(OSError):
+                            named += entry.stat().st_blocks * 512
+            peak_named = max(peak_named, named)
+            peak_used = max(peak_used, _shm_used() - base)
+            time.sleep(0.0005)
+
+    async with corral.Pool("benchmarks.array_app:app", size=WORKERS) as pool:
+        sampler = threading.Thread(target=sample, args=(pool._shm_prefix,), daemon=True)
+        sampler.start()
+        try:
+            results = await asyncio.gather(*(pool.call("echo", array) for _ in range(n_calls)))
+            assert all(r.shape == array.shape for r in results)
+            del results
+        finally:
+            stop.set()
+            sampler.join()
+    return peak_named, peak_used
+
+
+def _shm_used() -> int:
+    stat = os.statvfs("/dev/shm")
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def _rate(size: int, seconds: float) -> str:
+    return f"{size / seconds / 1e9:6.2f}"
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    repeats = 1 if args.quick else args.repeats
+    big_n = 2 if args.quick else 5
+    small_n = 200 if args.quick else 2000
+    rows = 100_000 if args.quick else 1_000_000
+    big = 64 * MIB
+    payloads: dict[str, Any] = {
+        "64 MiB bytes": os.urandom(big),
+        "64 MiB float64 ndarray": np.random.default_rng(1).random(big // 8),
+    }
+    table = make_table(rows)
+    table_bytes = table.nbytes
+    figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for _ in range(repeats):
+        for name, system in SYSTEMS.items():
+            if name == "anyio.to_process" and not _has("anyio"):
+                continue
+            async with system() as call:
+                for label, value in payloads.items():
+                    figures.setdefault((label, name), []).append(
+                        await round_trips(call, value, big_n)
+                    )
+                if name != "anyio.to_process":
+                    label = f"Arrow table {rows:,} x 10"
+                    figures.setdefault((label, name), []).append(
+                        await round_trips(call, table, big_n)
+                    )
+                if name == "corral":
+                    small_array = np.zeros(128)  # 1 KiB
+                    small_bytes = bytes(1024)
+                    figures.setdefault(("1 KiB ndarray", name), []).append(
+                        await round_trips(call, small_array, small_n)
+                    )
+                    figures.setdefault(("1 KiB bytes", name), []).append(
+                        await round_trips(call, small_bytes, small_n)
+                    )
+
+    sizes = {label: (table_bytes if label.startswith("Arrow") else big) for label, _ in figures}
+    print(
+        f"{'figure':<30} {'system':<22} {'wall ms':>9} {'GB/s':>6} {'CPU ms':>9} {'GB/s(CPU)':>9}"
+    )
+    medians: dict[tuple[str, str], tuple[float, float]] = {}
+    for key, runs in figures.items():
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        medians[key] = (wall, cpu)
+        label, name = key
+        size = sizes[label]
+        rate = _rate(size, wall) if not label.startswith("1 KiB") else "     -"
+        cpu_rate = _rate(size, cpu) if not label.startswith("1 KiB") else "     -"
+        print(f"{label:<30} {name:<22} {wall * 1e3:9.3f} {rate:>6} {cpu * 1e3:9.3f} {cpu_rate:>9}")
+    print()
+    print(f"Arrow table: {table_bytes / MIB:.1f} MiB of buffers")
+    array_label = "64 MiB float64 ndarray"
+    for other in ("ProcessPoolExecutor", "anyio.to_process"):
+        for label in (array_label, f"Arrow table {rows:,} x 10", "64 MiB bytes"):
+            if (label, other) in medians and (label, "corral") in medians:
+                w = medians[(label, other)][0] / medians[(label, "corral")][0]
+                c = medians[(label, other)][1] / medians[(label, "corral")][1]
+                print(f"{label}: corral is {w:.1f}x {other} (wall), {c:.1f}x (CPU)")
+    a, b = medians[("1 KiB ndarray", "corral")], medians[("1 KiB bytes", "corral")]
+    print(
+        f"1 KiB ndarray / 1 KiB bytes per call: {a[0] / b[0]:.2f}x (wall), {a[1] / b[1]:.2f}x (CPU)"
+    )
+    named, used = await peak_shm(64, 4 * MIB)
+    print(
+        f"64 concurrent 4 MiB array echoes, {WORKERS} workers: peak of corral's named "
+        f"segments {named / MIB:.0f} MiB; peak /dev/shm growth {used / MIB:.0f} MiB "
+        "(includes other programs' use)"
+    )
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.arrays", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="1 repeat, small counts")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats (median is printed)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    for name in ("numpy", "pyarrow"):
+        if not _has(name):
+            sys.exit(f"benchmarks.arrays needs {name}: pip install -e '.[bench]'")
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
