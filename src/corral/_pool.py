@@ -29,7 +29,7 @@ from typing import Any, Self
 
 from ._calls import CallPath, clock
 from ._config import PoolConfig
-from ._errors import PoolClosed, PoolTimeout, SessionLost, WorkerCrashed
+from ._errors import PoolClosed, PoolTimeout, SessionLost, WorkerCrashed, WorkerStartError
 from ._handle import WorkerHandle
 from ._launch import Launcher, LocalLauncher
 from ._lease import Checkout, WorkerLease
@@ -107,6 +107,11 @@ class Pool:
         self._calls = CallPath(self._sessions, cfg.call_timeout, cfg.stream_window, self._log)
         self._close_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it was started on
+
+    @property
+    def _failed(self) -> WorkerStartError | None:
+        """The start error that spent the restart budget, while it is spent (the supervisor's)."""
+        return self._supervisor.budget_spent_by
 
     @property
     def _tracer(self) -> CallTracer | None:

@@ -43,6 +43,9 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._homes)
 
+    def __getitem__(self, session: str) -> WorkerHandle:
+        return self._homes[session]
+
     def get(self, session: str) -> WorkerHandle | None:
         """The worker holding ``session``, or None."""
         return self._homes.get(session)

@@ -108,6 +108,11 @@ class Supervisor:
     # --- reading -------------------------------------------------------------------
 
     @property
+    def budget_spent_by(self) -> WorkerStartError | None:
+        """The start error that spent the restart budget; None once a worker starts cleanly."""
+        return self._failed
+
+    @property
     def failed(self) -> bool:
         """Too many failed starts and no worker serving: calls fail fast."""
         return self._failed is not None and not any(w.state.accepting for w in self.workers)
