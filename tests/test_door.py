@@ -72,7 +72,9 @@ async def test_a_bad_session_id_fails_its_own_call_and_nothing_else(pool: Pool) 
 
 @pytest.mark.parametrize("session", NOT_A_SESSION)
 async def test_call_refuses_a_session_id_that_is_not_a_str(pool: Pool, session: Any) -> None:
-    with pytest.raises(TypeError, match=r"session must be a str or None, got " + type(session).__name__):
+    with pytest.raises(
+        TypeError, match=r"session must be a str or None, got " + type(session).__name__
+    ):
         await pool.call("add", 1, 2, session=session)
     assert await pool.call("add", 1, 2, session="s") == 3
     assert pool.stats().restarts == 0
@@ -178,7 +180,16 @@ async def _enter(checkout: Any) -> None:
         pass
 
 
-TAKERS = ["call", "stream", "checkout", "lease.call", "lease.stream", "wait_ready", "wait_idle", "reload"]
+TAKERS = [
+    "call",
+    "stream",
+    "checkout",
+    "lease.call",
+    "lease.stream",
+    "wait_ready",
+    "wait_idle",
+    "reload",
+]
 
 
 @pytest.mark.parametrize("taker", TAKERS)
@@ -274,7 +285,7 @@ def test_good_options_still_build() -> None:
     [":app", "workers:", "workers", "", "workers::app", "work ers:app", "workers:app.", "1x:app"],
 )
 def test_a_malformed_target_is_refused_before_any_process_starts(target: str) -> None:
-    with pytest.raises(ValueError, match="target must look like 'package.module:app'"):
+    with pytest.raises(ValueError, match=r"target must look like 'package\.module:app'"):
         Pool(target)
 
 
@@ -284,7 +295,9 @@ def test_a_target_that_is_not_a_str_is_a_type_error() -> None:
 
 
 def test_a_target_naming_a_function_is_refused_before_any_process_starts() -> None:
-    with pytest.raises(TypeError, match=r"`tests.workers.door:add` is a function, not a corral.worker.App"):
+    with pytest.raises(
+        TypeError, match=r"`tests.workers.door:add` is a function, not a corral.worker.App"
+    ):
         Pool("tests.workers.door:add")
 
 
@@ -322,7 +335,7 @@ def _same_python() -> str:
 
 
 async def test_call_on_an_async_generator_says_an(pool: Pool) -> None:
-    with pytest.raises(corral.RemoteError, match="is an async generator: use pool.stream()"):
+    with pytest.raises(corral.RemoteError, match=r"is an async generator: use pool\.stream\(\)"):
         await pool.call("count", 3)
 
 
@@ -345,6 +358,6 @@ async def test_a_failed_assertion_says_where() -> None:
 
 
 async def test_a_set_arrives_as_a_list(pool: Pool) -> None:
-    """Documented (docs/api.md): MessagePack has no set; a set travels as a list, as a tuple does."""
+    """Documented (docs/api.md): MessagePack has no set; a set travels as a list, like a tuple."""
     assert sorted(await pool.call("echo", {3, 1, 2})) == [1, 2, 3]
     assert await pool.call("echo", frozenset()) == []
