@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import ctypes
 import importlib
+import inspect
 import json
 import os
 import signal
@@ -64,10 +65,25 @@ def load_target(spec: str) -> App:
     for part in attr.split("."):
         target = getattr(target, part)
     if callable(target) and not isinstance(target, App):
+        _check_factory(spec, target)
         target = target()  # a factory
     if not isinstance(target, App):
         raise TypeError(f"{spec!r} is {type(target).__qualname__}, not a corral.worker.App")
     return target
+
+
+def _check_factory(spec: str, target: object) -> None:
+    """Refuse, in the words the pool uses, a function that cannot be the App's factory."""
+    if inspect.iscoroutinefunction(target):
+        raise TypeError(f"`{spec}` is a coroutine function, not a corral.worker.App")
+    if inspect.isfunction(target):
+        try:
+            inspect.signature(target).bind()
+        except TypeError:
+            raise TypeError(
+                f"`{spec}` is a function, not a corral.worker.App; name the App (or a "
+                "factory that takes no arguments and returns one)"
+            ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
