@@ -22,12 +22,9 @@ from corral import Pool
 
 TARGET = "tests.workers.basic:app"
 
+# anyio's own plugin runs these when pytest-asyncio is off (``nox -s anyio``); the
+# ``anyio_backend`` fixture (asyncio) is the suite's, in conftest.py.
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def _pool(**options: Any) -> Pool:

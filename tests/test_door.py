@@ -361,3 +361,62 @@ async def test_a_set_arrives_as_a_list(pool: Pool) -> None:
     """Documented (docs/api.md): MessagePack has no set; a set travels as a list, like a tuple."""
     assert sorted(await pool.call("echo", {3, 1, 2})) == [1, 2, 3]
     assert await pool.call("echo", frozenset()) == []
+
+
+# --- the other places a duration is taken ------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "error"), BAD_TIMEOUTS)
+@pytest.mark.parametrize("name", ["startup_timeout", "read_timeout", "kill_grace"])
+def test_tool_pool_durations_are_checked_like_a_timeout(
+    name: str, value: Any, error: type[Exception]
+) -> None:
+    from corral.tools import ToolPool
+
+    if name == "kill_grace" and value == 0:
+        assert ToolPool("cat", mode="pipes", kill_grace=0).kill_grace == 0  # kill at once
+        return
+    with pytest.raises(error, match=f"{name} must be"):
+        ToolPool("cat", mode="pipes", **{name: value})
+
+
+async def test_tool_reads_check_their_timeouts_before_reaching_the_program() -> None:
+    from corral.tools import ToolPool
+
+    async with ToolPool("cat", mode="pipes", size=1) as tools:
+        async with tools.instance() as cat:
+            for case in BAD_TIMEOUTS:
+                value, error = case.values
+                with pytest.raises(error, match="timeout must be"):  # type: ignore[call-overload]
+                    await cat.read_until("x", timeout=value)
+                with pytest.raises(error, match="quiet must be"):  # type: ignore[call-overload]
+                    await cat.read_until("x", timeout=1.0, quiet=value)
+                with pytest.raises(error, match="timeout must be"):  # type: ignore[call-overload]
+                    await cat.health(timeout=value)
+            assert await cat.send("hello") > 0
+            assert (await cat.read_until("hello", timeout=10.0)).matched
+        with pytest.raises(ValueError, match="timeout must be"):
+            tools.instance(timeout=math.nan)
+
+
+@pytest.mark.parametrize(("value", "error"), BAD_TIMEOUTS)
+@pytest.mark.parametrize("name", ["start_timeout", "handshake_timeout", "kill_timeout"])
+def test_launcher_durations_are_checked_like_a_timeout(
+    name: str, value: Any, error: type[Exception]
+) -> None:
+    from corral._socket_launcher import SubprocessShimLauncher
+
+    with pytest.raises(error, match=f"{name} must be"):
+        SubprocessShimLauncher(**{name: value})
+
+
+@pytest.mark.parametrize("env", [{"A": 1}, {1: "a"}, {"A=B": "c"}, {"A": "b\0c"}, {"": "x"}])
+def test_env_must_map_names_to_text(env: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="env"):
+        Pool(TARGET, env=env)
+
+
+@pytest.mark.parametrize("name", [42, "pool\n1", "pool\x00"])
+def test_a_pool_name_is_printable_text(name: Any) -> None:
+    with pytest.raises(TypeError, match="name must be a printable str"):
+        Pool(TARGET, name=name)

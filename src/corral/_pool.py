@@ -362,7 +362,7 @@ class Pool:
         # One coroutine frame on the hot path: no worker to wait for means no await
         # before the call is on the wire.
         method, session = check_method(method), check_session(session)
-        if retries:
+        if type(retries) is not int or retries < 0:
             check_count(retries, "retries")
         started = _clock()
         span = None if self._tracer is None else self._tracer.start(method, session, False)
