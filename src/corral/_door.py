@@ -93,10 +93,8 @@ def _utf8(value: str, name: str) -> str:
 
 def check_session(value: Any) -> str | None:
     """A session id: ``None`` or a ``str`` (a str subclass becomes a plain str)."""
-    if value is None:
-        return None
-    if type(value) is str:
-        return _utf8(value, "session")
+    if value is None or (type(value) is str and value.isascii()):
+        return value  # the hot path: one type test
     if isinstance(value, str):
         return _utf8(str.__str__(value), "session")
     raise TypeError(f"session must be a str or None, got {_kind(value)} {value!r}")
@@ -111,8 +109,8 @@ def check_session_required(value: Any) -> str:
 
 def check_method(value: Any) -> str:
     """A handler name: a ``str``."""
-    if type(value) is str:
-        return _utf8(value, "method")
+    if type(value) is str and value.isascii():
+        return value  # the hot path: one type test
     if isinstance(value, str):
         return _utf8(str.__str__(value), "method")
     raise TypeError(f"method must be a str, got {_kind(value)} {value!r}: the handler's name")
@@ -161,5 +159,5 @@ def running_loop(what: str) -> asyncio.AbstractEventLoop:
         raise RuntimeError(
             f"corral runs on asyncio, and {where}: {what} needs a running asyncio event loop "
             "(asyncio.run(), anyio.run(..., backend='asyncio'), or an asyncio server such "
-            "as uvicorn); see docs/fastapi.md, 'anyio and trio'"
+            "as uvicorn); see docs/fastapi.md, 'anyio cancel scopes and trio'"
         ) from None

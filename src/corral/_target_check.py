@@ -3,7 +3,7 @@
 Owns: the target's syntax, and a best-effort reading of the target module's
 source for the one mistake a new user makes first: naming a function (often a
 handler) instead of the App. Must not touch: user code. The parent never imports
-the target (docs/decisions/0021-targets-read-not-imported.md): it finds the
+the target (docs/decisions/0021-checks-at-the-door.md): it finds the
 module's file with the import system's path finder, which runs no package
 ``__init__``, and parses it with ``ast``. It refuses only what it can be sure of;
 anything it cannot follow is left to the worker, whose loader says the same
