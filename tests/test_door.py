@@ -128,7 +128,8 @@ async def test_a_bad_method_name_fails_its_own_call_and_nothing_else(pool: Pool)
 
 @pytest.mark.parametrize("method", NOT_A_METHOD)
 async def test_call_refuses_a_method_name_that_is_not_a_str(pool: Pool, method: Any) -> None:
-    with pytest.raises(TypeError, match=r"method must be a str, got " + type(method).__name__):
+    shown = "None" if method is None else type(method).__name__
+    with pytest.raises(TypeError, match=r"method must be a str, got " + shown):
         await pool.call(method, 1, 2)
     assert pool.stats().restarts == 0
 
@@ -282,7 +283,18 @@ def test_good_options_still_build() -> None:
 
 @pytest.mark.parametrize(
     "target",
-    [":app", "workers:", "workers", "", "workers::app", "work ers:app", "workers:app.", "1x:app"],
+    [
+        ":app",
+        "workers:",
+        "workers",
+        "",
+        "workers::app",
+        "work ers:app",
+        "workers:app.",
+        "1x:app",
+        "workers.py:app",
+        "class.x:app",
+    ],
 )
 def test_a_malformed_target_is_refused_before_any_process_starts(target: str) -> None:
     with pytest.raises(ValueError, match=r"target must look like 'package\.module:app'"):

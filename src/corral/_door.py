@@ -42,8 +42,9 @@ __all__ = [
 MAX_SECONDS = 1e9
 
 
-def _kind(value: object) -> str:
-    return type(value).__name__
+def _got(value: object) -> str:
+    """How an error shows a refused value: its type, then its repr."""
+    return "None" if value is None else f"{type(value).__name__} {value!r}"
 
 
 def check_seconds(value: Any, name: str, *, unit: str = "seconds") -> float:
@@ -57,9 +58,7 @@ def check_seconds(value: Any, name: str, *, unit: str = "seconds") -> float:
         if 0 < value <= MAX_SECONDS:
             return float(value)
     elif kind is bool or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be a number of {unit} (int or float), got {_kind(value)} {value!r}"
-        )
+        raise TypeError(f"{name} must be a number of {unit} (int or float), got {_got(value)}")
     else:
         value = float(value)
         if 0 < value <= MAX_SECONDS:
@@ -97,13 +96,13 @@ def check_session(value: Any) -> str | None:
         return value  # the hot path: one type test
     if isinstance(value, str):
         return _utf8(str.__str__(value), "session")
-    raise TypeError(f"session must be a str or None, got {_kind(value)} {value!r}")
+    raise TypeError(f"session must be a str or None, got {_got(value)}")
 
 
 def check_session_required(value: Any) -> str:
     """A session id where one is required (``close_session``): a ``str``."""
     if not isinstance(value, str):
-        raise TypeError(f"session must be a str, got {_kind(value)} {value!r}")
+        raise TypeError(f"session must be a str, got {_got(value)}")
     return _utf8(str.__str__(value), "session")
 
 
@@ -113,7 +112,7 @@ def check_method(value: Any) -> str:
         return value  # the hot path: one type test
     if isinstance(value, str):
         return _utf8(str.__str__(value), "method")
-    raise TypeError(f"method must be a str, got {_kind(value)} {value!r}: the handler's name")
+    raise TypeError(f"method must be a str, got {_got(value)}: the handler's name")
 
 
 @overload
@@ -133,7 +132,7 @@ def check_count(value: Any, name: str, *, minimum: int = 0, optional: bool = Fal
     if type(value) is not int and (
         isinstance(value, bool) or not isinstance(value, numbers.Integral)
     ):
-        raise TypeError(f"{name} must be an int, got {_kind(value)} {value!r}")
+        raise TypeError(f"{name} must be an int, got {_got(value)}")
     count = int(value)
     if count < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {count!r}")

@@ -47,6 +47,11 @@ def check_target(target: object, *, python: str | None = None) -> str:
         raise ValueError(f"{_SHAPE}, got {target!r}: the module name is missing")
     if not attr:
         raise ValueError(f"{_SHAPE}, got {target!r}: the App's name after ':' is missing")
+    if module.endswith(".py"):
+        raise ValueError(
+            f"{_SHAPE}, got {target!r}: name the module, not its file "
+            f"({module[:-3].replace('/', '.')!r})"
+        )
     if not _dotted(module):
         raise ValueError(f"{_SHAPE}, got {target!r}: {module!r} is not a module name")
     if not _dotted(attr):
