@@ -14,10 +14,21 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import corral
 from corral import Pool, PoolConfig
+from corral._door import (
+    MAX_SECONDS,
+    check_count,
+    check_method,
+    check_session,
+    check_timeout,
+)
+from corral._messages import Call, WorkerBound
 
 TARGET = "tests.workers.basic:app"
 
@@ -432,3 +443,57 @@ def test_env_must_map_names_to_text(env: Any) -> None:
 def test_a_pool_name_is_printable_text(name: Any) -> None:
     with pytest.raises(TypeError, match="name must be a printable str"):
         Pool(TARGET, name=name)
+
+
+@pytest.mark.parametrize(("value", "error"), BAD_TIMEOUTS)
+def test_the_checkout_dependency_checks_its_timeout_when_built(
+    value: Any, error: type[Exception]
+) -> None:
+    from corral.asgi import checkout_dependency
+
+    with pytest.raises(error, match="timeout must be"):
+        checkout_dependency(timeout=value)
+
+
+# --- properties: whatever a caller passes, the frame the worker gets decodes -------
+
+_ANYTHING = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(),
+    st.binary(),
+    st.decimals(allow_nan=True),
+    st.tuples(st.text(), st.integers()),
+    st.lists(st.integers(), max_size=3),
+    st.sampled_from([math.nan, math.inf, -0.0, 1e-300, MAX_SECONDS, MAX_SECONDS * 2, "\ud800"]),
+)
+_WORKER_DECODER: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(WorkerBound)  # type: ignore[arg-type]
+
+
+@given(method=_ANYTHING | st.text(), session=_ANYTHING | st.text(), timeout=_ANYTHING)
+def test_anything_passed_is_refused_or_becomes_a_frame_the_worker_decodes(
+    method: Any, session: Any, timeout: Any
+) -> None:
+    try:
+        checked = (check_method(method), check_session(session), check_timeout(timeout))
+    except (TypeError, ValueError):
+        return
+    name, sid, seconds = checked
+    assert seconds is None or (isinstance(seconds, float) and 0 < seconds <= MAX_SECONDS)
+    frame = msgspec.msgpack.encode(Call(1, name, (), {}, sid, seconds))
+    call = _WORKER_DECODER.decode(frame)
+    assert isinstance(call, Call) and (call.method, call.session) == (name, sid)
+
+
+@given(value=_ANYTHING)
+def test_a_count_is_an_int_in_range_or_refused(value: Any) -> None:
+    try:
+        count, refused = check_count(value, "n", minimum=1), ""
+    except (TypeError, ValueError) as exc:
+        count, refused = None, str(exc)
+    if count is None:
+        assert refused.startswith("n must be")
+    else:
+        assert type(count) is int and count >= 1 and not isinstance(value, bool)
