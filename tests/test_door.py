@@ -26,6 +26,7 @@ from corral._door import (
     check_count,
     check_method,
     check_session,
+    check_target,
     check_timeout,
 )
 from corral._messages import Call, WorkerBound
@@ -497,3 +498,45 @@ def test_a_count_is_an_int_in_range_or_refused(value: Any) -> None:
         assert refused.startswith("n must be")
     else:
         assert type(count) is int and count >= 1 and not isinstance(value, bool)
+
+
+# --- the parent's reading of a target: sure, or silent ------------------------------
+
+_APP = "from corral.worker import App\napp = App()\n"
+# Targets the parent must not refuse: each either is an App (or a factory), or is
+# bound in a way a reading cannot follow, so the worker decides.
+NOT_REFUSED = {
+    "rebound": _APP + "def target(a): ...\ntarget = app\n",
+    "factory": _APP + "def target(debug=False):\n    return app\n",
+    "imported": _APP + "from os.path import join as target\n",
+    "star": _APP + "from os.path import *\ndef target(a): ...\n",
+    "getattr": _APP + "def target(a): ...\ndef __getattr__(name): return app\n",
+    "decorated": _APP + "import functools\n@functools.cache\ndef target(a): ...\n",
+    "global": _APP + "def target(a): ...\ndef swap():\n    global target\n    target = app\n",
+    "in_match": _APP + "def target(a): ...\nmatch 1:\n    case 1:\n        target = app\n",
+    "a_class": _APP + "class target:\n    def __init__(self, a): ...\n",
+    "unparsable": "def target(a):\n    return (\n",
+}
+
+
+@pytest.mark.parametrize("source", NOT_REFUSED.values(), ids=list(NOT_REFUSED))
+def test_the_parent_refuses_only_what_it_can_be_sure_of(
+    source: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "door_target_mod.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert check_target("door_target_mod:target") == "door_target_mod:target"
+
+
+def test_the_parent_reads_a_package_module_without_running_its_init(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "door_target_pkg"
+    package.mkdir()
+    ran = tmp_path / "init-ran"
+    (package / "__init__.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    (package / "workers.py").write_text(_APP + "@app.handler\ndef add(a, b): return a + b\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TypeError, match=r"did you mean `door_target_pkg\.workers:app`\?"):
+        check_target("door_target_pkg.workers:add")
+    assert not ran.exists()

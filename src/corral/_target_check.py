@@ -90,7 +90,7 @@ def _parse(module: str) -> ast.Module | None:
 
 
 def _module_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
-    """Statements run at import time: the body and the blocks of if/try/with/for/while."""
+    """Statements run at import time: the body and the blocks of if/try/with/for/while/match."""
     for stmt in body:
         yield stmt
         if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
@@ -99,6 +99,8 @@ def _module_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
             yield from _module_level(getattr(stmt, field, []))
         for handler in getattr(stmt, "handlers", []):
             yield from _module_level(handler.body)
+        for case in getattr(stmt, "cases", []):  # match statements
+            yield from _module_level(case.body)
 
 
 def _binds(stmt: ast.stmt, name: str) -> bool:
