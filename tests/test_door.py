@@ -12,6 +12,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import msgspec
@@ -45,6 +46,7 @@ BAD_TIMEOUTS = [
     pytest.param(0, ValueError, id="zero"),
     pytest.param(-1.0, ValueError, id="negative"),
     pytest.param(1e300, ValueError, id="beyond-any-clock"),
+    pytest.param(10**400, ValueError, id="beyond-any-float"),
     pytest.param("5", TypeError, id="str"),
     pytest.param(b"5", TypeError, id="bytes"),
     pytest.param(True, TypeError, id="bool"),
@@ -466,9 +468,12 @@ _ANYTHING = st.one_of(
     st.text(),
     st.binary(),
     st.decimals(allow_nan=True),
+    st.fractions(),
     st.tuples(st.text(), st.integers()),
     st.lists(st.integers(), max_size=3),
-    st.sampled_from([math.nan, math.inf, -0.0, 1e-300, MAX_SECONDS, MAX_SECONDS * 2, "\ud800"]),
+    st.sampled_from(
+        [math.nan, math.inf, -0.0, 1e-300, MAX_SECONDS * 2, 10**400, Fraction(10**400), "\ud800"]
+    ),
 )
 _WORKER_DECODER: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(WorkerBound)  # type: ignore[arg-type]
 

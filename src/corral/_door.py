@@ -21,6 +21,7 @@ import asyncio
 import importlib
 import math
 import numbers
+import reprlib
 from typing import Any, Literal, overload
 
 from ._target_check import check_target
@@ -44,7 +45,7 @@ MAX_SECONDS = 1e9
 
 def _got(value: object) -> str:
     """How an error shows a refused value: its type, then its repr."""
-    return "None" if value is None else f"{type(value).__name__} {value!r}"
+    return "None" if value is None else f"{type(value).__name__} {reprlib.repr(value)}"
 
 
 def check_seconds(value: Any, name: str, *, unit: str = "seconds") -> float:
@@ -60,15 +61,19 @@ def check_seconds(value: Any, name: str, *, unit: str = "seconds") -> float:
     elif kind is bool or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number of {unit} (int or float), got {_got(value)}")
     else:
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf if value > 0 else -math.inf
         if 0 < value <= MAX_SECONDS:
             return float(value)
-    if math.isnan(value) or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number of {unit}, got {value!r}")
+    if value != value or value in (math.inf, -math.inf):  # no float(): ints may be huge
+        raise ValueError(f"{name} must be a finite number of {unit}, got {reprlib.repr(value)}")
     if value <= 0:
-        raise ValueError(f"{name} must be > 0 {unit}, got {value!r}")
+        raise ValueError(f"{name} must be > 0 {unit}, got {reprlib.repr(value)}")
     raise ValueError(
-        f"{name} must be at most {MAX_SECONDS:.0e} {unit}, got {value!r} (None means no limit)"
+        f"{name} must be at most {MAX_SECONDS:.0e} {unit}, got {reprlib.repr(value)} "
+        "(None means no limit)"
     )
 
 
@@ -85,7 +90,7 @@ def _utf8(value: str, name: str) -> str:
             value.encode()
         except UnicodeEncodeError as exc:
             raise ValueError(
-                f"{name} must be valid UTF-8 text, got {value!r} ({exc.reason})"
+                f"{name} must be valid UTF-8 text, got {reprlib.repr(value)} ({exc.reason})"
             ) from None
     return value
 
