@@ -30,7 +30,7 @@ LINT_PATHS = ["src", "tests", "benchmarks", "examples", "noxfile.py"]
 @nox.session(python=SUPPORTED_PYTHONS)
 def tests(session: nox.Session) -> None:
     """The test suite, on each supported Python."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[suite]")
     session.run("pytest", *session.posargs)
 
 
@@ -113,21 +113,21 @@ def browser(session: nox.Session) -> None:
     Playwright drives Debian's /usr/bin/chromium; its own browser downloads are
     never used (no ``playwright install``). The screenshot lands in artifacts/.
     """
-    session.install("-e", ".[test]")
+    session.install("-e", ".[suite]")
     session.run("pytest", "tests/browser", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def dspy(session: nox.Session) -> None:
     """The DSPy example's tests (examples/dspy_service) alone: real DSPy, offline."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[suite]")
     session.run("pytest", "tests/test_dspy_example.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def ray(session: nox.Session) -> None:
     """Workers placed over TCP and by a real (local) Ray, alone."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[suite]")
     session.run("pytest", "tests/test_ray.py", "tests/test_socket_launcher.py", *session.posargs)
 
 
@@ -135,7 +135,7 @@ def ray(session: nox.Session) -> None:
 def reliability(session: nox.Session) -> None:
     """The reliability suite alone: chaos, hostile workers, cancellation points,
     the pool state machine and parent death (``-s`` prints the chaos figures)."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[suite]")
     session.run(
         "pytest",
         "tests/reliability",

@@ -3,6 +3,7 @@
     python -m benchmarks.run            # full run: medians of 5 repeats
     python -m benchmarks.run --quick    # smoke test: small counts, 1 repeat
     python -m benchmarks.run --sweep    # echo by size, pipes against /dev/shm
+    python -m benchmarks.run --placed   # also workers over TCP and on a local Ray
 
 Every system runs the same task functions (benchmarks/tasks.py) with 2 worker
 processes. Figures are printed with their ratio to the floor (benchmarks/floor.py)
@@ -14,7 +15,9 @@ Sequential latency is measured with this process and its workers pinned to one
 CPU (children inherit the affinity), which makes runs comparable here; the
 throughput figures use every CPU. ``corral tcp`` and ``corral ray`` are corral
 with workers that connect back over TCP (loopback): started by a local shim, and
-placed by a local Ray instance (``RayLauncher``, when Ray is installed).
+placed by a local Ray instance (``RayLauncher``, when Ray is installed); they
+are measured only with ``--placed`` (or named in ``--systems``), so a plain run
+starts no Ray.
 """
 
 from __future__ import annotations
@@ -420,6 +423,17 @@ def _available(name: str) -> bool:
     return False
 
 
+PLACED = ("corral tcp", "corral ray")
+
+
+def selected_systems(args: argparse.Namespace) -> list[str]:
+    """The systems to measure: those --systems names, else all but the placed ones
+    (workers over TCP and on a local Ray), which --placed adds."""
+    if args.systems:
+        return [n for n in SYSTEMS if n in args.systems]
+    return [n for n in SYSTEMS if args.placed or n not in PLACED]
+
+
 def planned_figures(names: list[str], counts: Counts) -> int:
     """How many figures a run of these systems takes (what a progress bar counts)."""
     figures = len(names) * counts.repeats * FIGURES_PER_REPEAT
@@ -435,7 +449,7 @@ async def main_async(args: argparse.Namespace, progress: Progress = NO_PROGRESS)
         sys.stderr.write("measuring echo by size, pipes against /dev/shm ...\n")
         await threshold_sweep(counts)
         return
-    names = [n for n in SYSTEMS if n in args.systems] if args.systems else list(SYSTEMS)
+    names = selected_systems(args)
     names = [n for n in names if _available(n)]
     if "floor" not in names:
         names.insert(0, "floor")
@@ -488,6 +502,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small counts, one repeat")
     parser.add_argument("--uvloop", action="store_true", help="run the parent on uvloop")
     parser.add_argument("--systems", nargs="*", help=f"subset of {list(SYSTEMS)}")
+    parser.add_argument(
+        "--placed",
+        action="store_true",
+        help="also measure placed workers: over TCP (a local shim) and on a local Ray "
+        "(started for the run, when Ray is installed)",
+    )
     parser.add_argument(
         "--sweep",
         action="store_true",

@@ -35,7 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # Without the plugin the suite would run unchecked: refuse instead.
     if not config.pluginmanager.is_registered(corral.pytest_plugin):
         raise pytest.UsageError(
-            "corral's pytest plugin is not loaded: install corral (pip install -e '.[test]') "
+            "corral's pytest plugin is not loaded: install corral (pip install -e '.[suite]') "
             "so its pytest11 entry point is registered, and do not pass -p no:corral"
         )
     config.addinivalue_line(

@@ -97,3 +97,16 @@ def test_every_system_is_an_async_context_manager() -> None:
             continue
         system = factory()
         assert hasattr(system, "__aenter__") and hasattr(system, "__aexit__"), name
+
+
+def test_routing_benchmark_prints_the_overhead_of_the_front() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.routing", "--calls", "200", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "stand-in pool (the front's own cost): direct median" in run.stdout
+    assert "front+rule overhead: median" in run.stdout

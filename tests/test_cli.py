@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -10,10 +11,15 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from tests._serve import serve_in_thread, status_demo_app
 
 import corral
+from corral import _install
 from corral._bench import find_checkout
+from corral._install import install_command
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_corral_demo_runs_the_mixed_workload_and_ends_by_itself() -> None:
@@ -150,4 +156,112 @@ def test_without_rich_the_library_works_and_top_says_what_to_install() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2, run.stderr
     assert run.stdout.strip() == "3"
-    assert "pip install 'corral[cli]'" in run.stderr
+    # corral here is an editable install of this checkout: the hint says so.
+    assert "pip install -e '.[cli]'" in run.stderr
+
+
+def test_install_hints_name_the_command_for_how_corral_was_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(__file__).resolve().parent.parent
+    assert install_command("cli", cwd=str(root)) == "pip install -e '.[cli]'"
+    assert install_command("cli", cwd=str(tmp_path)) == f"pip install -e '{root}[cli]'"
+
+    class Dist:
+        def __init__(self, text: str | None) -> None:
+            self.text = text
+
+        def read_text(self, name: str) -> str | None:
+            assert name == "direct_url.json"
+            return self.text
+
+    def installed(text: str | None) -> None:
+        monkeypatch.setattr(_install.metadata, "distribution", lambda name: Dist(text))
+
+    installed(None)  # from an index: pip writes no direct_url.json
+    assert install_command("cli") == "pip install 'corral[cli]'"
+    installed('{"url": "file:///src/my%20corral", "dir_info": {}}')  # pip install /src/...
+    assert install_command("cli", cwd=str(tmp_path)) == "pip install '/src/my corral[cli]'"
+    installed('{"url": "https://example.invalid/corral.tar.gz", "archive_info": {}}')
+    assert install_command("cli") == "pip install 'corral[cli]'"
+
+
+TARGET = "tests.workers.basic:app"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["tests.workers.basic", "add", "1", "2"], "TARGET must be MODULE:ATTR"),
+        ([":app", "add"], "TARGET must be MODULE:ATTR"),
+        (["tests.workers.basic:", "add"], "TARGET must be MODULE:ATTR"),
+        (
+            [TARGET, "add", "1", "2", "--timeout", "-1"],
+            "--timeout: must be a number of seconds > 0",
+        ),
+        ([TARGET, "add", "1", "2", "--timeout", "nan"], "--timeout: must be a number"),
+        ([TARGET, "add", "1", "2", "--timeout", "soon"], "--timeout: must be a number"),
+        ([TARGET, "add", "[1, 2", "3"], "'[1, 2' is not valid JSON"),
+        (["no_such_module_here:app", "add"], "no module named 'no_such_module_here'"),
+        ([TARGET, "sub", "1", "2"], "has no handler 'sub'; its handlers: add,"),
+        ([TARGET, "count", "3"], "'count' streams its results: add --stream"),
+    ],
+)
+def test_corral_call_mistakes_give_one_line_and_exit_code_2(args: list[str], says: str) -> None:
+    run = _corral("call", *args)
+    assert run.returncode == 2, run.stderr
+    assert run.stdout == ""
+    assert run.stderr.startswith("corral call: ") and run.stderr.count("\n") == 1, run.stderr
+    assert says in run.stderr
+
+
+def test_corral_call_a_worker_that_cannot_start_says_why_in_one_line() -> None:
+    run = _corral("call", "tests.workers.basic:no_such_app", "add", "1", "2")
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert "AttributeError" in run.stderr and "no_such_app" in run.stderr
+
+
+def test_corral_call_streams_and_takes_a_session() -> None:
+    run = _corral("call", TARGET, "count", "3", "--stream")
+    assert (run.returncode, run.stdout) == (0, "0\n1\n2\n"), run.stderr
+    run = _corral("call", TARGET, "whoami", "--session", "user-42")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["session"] == "user-42"
+
+
+def test_corral_bench_help_works_without_rich() -> None:
+    code = (
+        "import sys; sys.modules['rich'] = None\n"
+        "from corral._cli import main\n"
+        "sys.exit(main(['bench', '--help']))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr
+    assert "--quick" in run.stdout and "--placed" in run.stdout
+
+
+def test_corral_bench_measures_placed_workers_only_when_asked() -> None:
+    from benchmarks.run import PLACED, build_parser, selected_systems
+
+    quick = selected_systems(build_parser().parse_args(["--quick"]))
+    assert "corral" in quick and not set(PLACED) & set(quick)
+    assert set(PLACED) <= set(selected_systems(build_parser().parse_args(["--placed"])))
+    named = build_parser().parse_args(["--systems", "corral", "corral tcp"])
+    assert selected_systems(named) == ["corral", "corral tcp"]
+
+
+def test_corral_top_and_demo_mistakes_give_one_line() -> None:
+    for args, code in (
+        (["top", "tests.workers.basic", "--duration", "1"], 2),
+        (["top", "no_such_module_here:app", "--duration", "1"], 2),
+        (["top", "tests.workers.basic:no_such_app", "--duration", "1"], 1),
+        (["top", "--size", "0", "--duration", "1"], 2),
+        (["demo", "--size", "-3"], 2),
+    ):
+        run = _corral(*args)
+        assert run.returncode == code, (args, run.stderr)
+        assert run.stderr.startswith(f"corral {args[0]}: "), run.stderr
+        assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr

@@ -7,8 +7,11 @@ lifespan, so the pool starts with real worker processes) and talks to it with
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import psutil
@@ -89,6 +92,53 @@ async def test_stream_returns_every_word_in_order(client: httpx.AsyncClient) -> 
         assert response.headers["content-type"].startswith("text/plain")
         body = "".join([chunk async for chunk in response.aiter_text()])
     assert body.splitlines() == words
+
+
+async def test_stream_delay_sends_each_word_as_the_worker_yields_it() -> None:
+    """``delay`` makes the stream visible (curl -N shows the words one by one): each
+    word is its own body message, sent as it comes, and the delays add up."""
+    async with running_service() as (manager, client):
+        for bad in (-1, 3, "soon"):
+            refused = await client.get("/stream", params={"text": "a", "delay": bad})
+            assert refused.status_code == 422, bad
+        chunks: list[bytes] = []
+        done = asyncio.Event()
+        request_sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal request_sent
+            if not request_sent:
+                request_sent = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("body"):
+                    chunks.append(message["body"])
+                if not message.get("more_body", False):
+                    done.set()
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/stream",
+            "raw_path": b"/stream",
+            "root_path": "",
+            "query_string": b"text=the+quick+brown+fox&delay=0.1",
+            "headers": [(b"host", b"example.test")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("example.test", 80),
+        }
+        began = time.monotonic()
+        await asyncio.wait_for(manager.app(scope, receive, send), 30)
+        elapsed = time.monotonic() - began
+    assert chunks == [b"the\n", b"quick\n", b"brown\n", b"fox\n"]
+    assert elapsed >= 4 * 0.1  # a lower bound: it holds on any machine
 
 
 async def test_probes_say_alive_and_ready_once_started(client: httpx.AsyncClient) -> None:

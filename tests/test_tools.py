@@ -8,6 +8,7 @@ interpreter running the tests), sqlite3 and bc when installed (Debian packages
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -310,3 +311,69 @@ async def test_send_never_blocks_on_a_program_that_is_not_reading() -> None:
         assert (await repl.read_until(timeout=30)).matched  # the prompt after the long line
         assert await repl.run("len(x)", timeout=30) == "1000000\n"
         assert (await repl.status()).pending_input == 0
+
+
+# --- liveness at lease time, and what a timed-out run() last saw ---------------------
+
+
+async def _wait_exited(pid: int) -> None:
+    """Until ``pid`` has ended (a zombie or gone), woken by the process itself."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        await asyncio.to_thread(psutil.Process(pid).wait, 10)
+
+
+async def test_a_program_killed_while_not_leased_is_restarted_before_the_next_lease() -> None:
+    async with ToolPool(REPL, size=1, prompt=PROMPT) as tools:
+        async with tools.instance() as repl:
+            await repl.run("state = 'kept'")
+            old_pid = (await repl.status()).pid
+        os.kill(old_pid, signal.SIGKILL)  # no call since: nothing on the pool side knows
+        await _wait_exited(old_pid)
+        async with tools.instance() as repl:
+            assert not repl.needs_restart
+            assert await repl.run("1") == "1\n"  # handed out alive, not dead
+            status = await repl.status()
+            assert status.pid != old_pid and status.restarts == 1
+            assert "NameError" in await repl.run("state")
+
+
+async def test_a_live_program_is_handed_out_as_it_is() -> None:
+    async with ToolPool(REPL, size=1, prompt=PROMPT) as tools:
+        async with tools.instance() as repl:
+            await repl.run("state = 'kept'")
+        async with tools.instance() as repl:
+            assert await repl.run("state") == "'kept'\n"
+            assert (await repl.status()).restarts == 0
+
+
+@needs_sqlite3
+async def test_a_sqlite3_statement_without_its_semicolon_times_out_saying_what_it_printed() -> None:
+    async with ToolPool("sqlite3", size=1, prompt="sqlite> ") as tools:
+        sqlite = tools.instances[0]
+        with pytest.raises(ToolTimeout) as caught:
+            await sqlite.run("select 1", timeout=1)
+        message = str(caught.value)
+        assert "...>" in message  # sqlite3's continuation prompt: it waits for the ';'
+        assert "last printed" in message
+        assert await sqlite.run(";") == "1\n"  # the statement completes; nothing lost
+
+
+@needs_bc
+async def test_bc_killed_between_leases_is_restarted_at_the_next_lease() -> None:
+    async with ToolPool("bc -q", size=1) as tools:
+        async with tools.instance() as bc:
+            await bc.send("x=6")
+            old_pid = (await bc.status()).pid
+        os.kill(old_pid, signal.SIGKILL)
+        await _wait_exited(old_pid)
+        async with tools.instance() as bc:
+            await bc.send("7*6")
+            assert (await bc.read_until("\n")).text == "42"
+            assert (await bc.status()).restarts == 1
+
+
+async def test_a_run_timeout_says_when_the_program_printed_nothing() -> None:
+    async with ToolPool(REPL, size=1, prompt=PROMPT) as tools:
+        with pytest.raises(ToolTimeout) as caught:
+            await tools.instances[0].run("import time; time.sleep(3)", timeout=0.5)
+        assert "printed nothing" in str(caught.value)

@@ -7,7 +7,7 @@ when the server starts: importing this module starts nothing.
     POST   /add            {"a": 1, "b": 2}      -> {"result": 3.0}
     POST   /chat           {"message": "hi"}     per-user history, header X-User
     DELETE /chat           forget X-User's history
-    GET    /stream?text=a+b+c                    the words, one per line, as they come
+    GET    /stream?text=a+b+c&delay=0.3          the words, one per line, as they come
     GET    /health/live, /health/ready           liveness and readiness probes
     GET    /corral/                              the pool's live status page
     GET    /corral/status.json                   the same, as JSON
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
@@ -96,11 +96,16 @@ def _line(word: Any) -> str:
 
 
 @app.get("/stream")
-async def stream(text: str, pool: PoolDep) -> StreamingResponse:
+async def stream(
+    text: str,
+    pool: PoolDep,
+    delay: Annotated[float, Query(ge=0, le=2, description="seconds before each word")] = 0.0,
+) -> StreamingResponse:
     # The handler runs in a worker; if the client goes away, the response
-    # closes the stream and the handler is cancelled there.
+    # closes the stream and the handler is cancelled there. ``delay`` spaces
+    # the words, as a model's tokens are, so `curl -N` shows them arrive.
     return stream_response(
-        pool.stream("words", text, timeout=30.0), media_type="text/plain", encode=_line
+        pool.stream("words", text, delay, timeout=60.0), media_type="text/plain", encode=_line
     )
 
 

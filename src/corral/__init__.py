@@ -9,9 +9,12 @@ The worker side lives in ``corral.worker``. Everything importable from here is
 public; modules whose names start with an underscore are not.
 """
 
+from ._breaker import BreakerConfig
 from ._config import PoolConfig
 from ._errors import (
+    AllPoolsFailed,
     CallTimeout,
+    CircuitOpen,
     CorralError,
     EncodeError,
     MethodNotFound,
@@ -27,6 +30,8 @@ from ._errors import (
     WorkerStartError,
 )
 from ._pool import CallStream, Pool, WorkerLease
+from ._pools import Pools, PoolsStats, Routed, RoutedStream, RouteStats, Rule, Workload
+from ._retry import RetryPolicy
 from ._stats import LatencyHistogram, PoolStats
 from ._status import Eviction, PoolStatus, QueueInfo, WorkerInfo
 
@@ -34,8 +39,11 @@ __version__ = "0.1.0"
 """corral's version."""
 
 __all__ = [
+    "AllPoolsFailed",
+    "BreakerConfig",
     "CallStream",
     "CallTimeout",
+    "CircuitOpen",
     "CorralError",
     "EncodeError",
     "Eviction",
@@ -49,15 +57,23 @@ __all__ = [
     "PoolOverloaded",
     "PoolStats",
     "PoolStatus",
+    "Pools",
+    "PoolsStats",
     "PoolTimeout",
     "ProtocolError",
     "QueueInfo",
     "RemoteError",
+    "RetryPolicy",
+    "RouteStats",
+    "Routed",
+    "RoutedStream",
+    "Rule",
     "SessionLost",
     "WorkerCrashed",
     "WorkerInfo",
     "WorkerLease",
     "WorkerStartError",
+    "Workload",
     "__version__",
 ]
 

@@ -7,7 +7,8 @@ harness owns them and is the same code ``python -m benchmarks.run`` runs.
 The harness is not part of the installed package (decision 0016): it compares
 corral with other libraries and with a hand-written floor, for the figures in
 docs/performance.md, which is a job for a checkout of the source. Imported by
-the command line alone (it loads rich).
+the command line alone; rich is loaded only to draw the bar (``--help`` works
+without it).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 import corral
+
+from ._install import install_command
 
 __all__ = ["NOT_A_CHECKOUT", "find_checkout", "run_bench"]
 
@@ -57,6 +57,15 @@ class _Bar:
     """The harness's progress, as one rich bar over the figures, on stderr."""
 
     def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         self.progress = Progress(
             TextColumn("{task.description:<48}"),
             BarColumn(),
@@ -87,7 +96,15 @@ def run_bench(argv: list[str]) -> int:
         sys.stderr.write(NOT_A_CHECKOUT.format(cwd=Path.cwd()) + "\n")
         return 2
     harness = _load_harness(root)
-    args = harness.build_parser(prog="corral bench").parse_args(argv)
+    args = harness.build_parser(prog="corral bench").parse_args(argv)  # --help needs no rich
+    try:
+        import rich  # noqa: F401 - the progress bar; checked before anything is measured
+    except ImportError:
+        sys.stderr.write(
+            f"corral bench draws its progress with rich, which is not installed: "
+            f"{install_command('cli')}\n"
+        )
+        return 2
     bar = _Bar()
     try:
         harness.run(args, bar)

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
 from . import __version__
+from ._install import install_command
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -30,21 +34,41 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported on one line (and exit code 2, as argparse does)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="corral", description="asyncio-native process pools")
+    parser = _Parser(prog="corral", description="asyncio-native process pools")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run a pool of the bundled worker under a mixed load")
-    demo.add_argument("--size", type=int, default=2, help="workers in the pool (default 2)")
+    demo.add_argument("--size", type=_workers, default=2, help="workers in the pool (default 2)")
     demo.add_argument("-v", "--verbose", action="store_true", help="show the pool's log events")
     call = commands.add_parser(
         "call", help="start one worker of TARGET, call METHOD once, print the result as JSON"
     )
-    call.add_argument("target", help="MODULE:ATTR naming a corral.worker.App")
-    call.add_argument("method")
+    call.add_argument("target", type=_target, help="MODULE:ATTR naming a corral.worker.App")
+    call.add_argument("method", help="the handler to call")
     call.add_argument(
-        "args", nargs="*", help="arguments: each parsed as JSON if it is JSON, else a string"
+        "args",
+        nargs="*",
+        default=[],
+        type=_parse_argument,
+        help="arguments: each parsed as JSON if it is JSON (1, 2.5, true, null, "
+        "'\"text\"', '[1, 2]', '{\"a\": 1}'), else taken as a string",
     )
-    call.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    call.add_argument(
+        "--timeout", type=_positive, default=None, metavar="SECONDS", help="deadline in seconds"
+    )
+    call.add_argument("--session", default=None, metavar="ID", help="run the call in this session")
+    call.add_argument(
+        "--stream",
+        action="store_true",
+        help="the handler is a generator: print each item as a line of JSON as it comes",
+    )
     call.add_argument("-v", "--verbose", action="store_true", help="show the pool's log events")
     top = commands.add_parser(
         "top",
@@ -52,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         "(the demo worker under load by default), or a running service's status page (--url)",
     )
     top.add_argument(
-        "target", nargs="?", default=None, help=f"MODULE:ATTR (default: {_DEMO_TARGET})"
+        "target",
+        nargs="?",
+        type=_target,
+        default=None,
+        help=f"MODULE:ATTR (default: {_DEMO_TARGET})",
     )
-    top.add_argument("--size", type=int, default=2, help="workers in the pool (default 2)")
+    top.add_argument("--size", type=_workers, default=2, help="workers in the pool (default 2)")
     top.add_argument(
         "--url", help="read a running service's status page instead (its address, or status.json)"
     )
@@ -99,13 +127,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         _configure_logging(False)
-        return _needs_rich(lambda: _bench_main(rest))
+        return _bench_main(rest)  # it says itself if rich is missing (not for --help)
     _configure_logging(args.verbose)
     if args.command == "call":
-        return asyncio.run(_call_once(args.target, args.method, args.args, args.timeout))
+        call_parser = commands.choices["call"]
+        problem = _target_problem(args.target)
+        if problem is not None:
+            call_parser.error(problem)
+        try:
+            return asyncio.run(_call_once(args))
+        except _Usage as exc:
+            call_parser.error(str(exc))
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted; the pool was closed\n")
+            return 130
     if args.command == "top":
+        top_parser = commands.choices["top"]
         if args.url is not None and args.target is not None:
-            parser.error("top takes a TARGET or --url, not both")
+            top_parser.error("top takes a TARGET or --url, not both")
+        problem = None if args.target is None else _target_problem(args.target)
+        if problem is not None:
+            top_parser.error(problem)
         return _needs_rich(lambda: _top_main(args))
     from ._demo import run_demo
 
@@ -121,10 +163,55 @@ _DEMO_TARGET = "corral._demo_app:app"
 
 
 def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
     return value
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 worker, got {value}")
+    return value
+
+
+def _target(text: str) -> str:
+    module, colon, attr = text.partition(":")
+    dotted = re.compile(r"[^\W\d]\w*(\.[^\W\d]\w*)*")
+    if not (colon and dotted.fullmatch(module) and dotted.fullmatch(attr)):
+        raise argparse.ArgumentTypeError(
+            f"TARGET must be MODULE:ATTR naming a corral.worker.App, as in workers:app; "
+            f"got {text!r}"
+        )
+    return text
+
+
+def _target_problem(target: str) -> str | None:
+    """Why ``target``'s module cannot be found from here (checked before any process
+    starts, without importing the module itself), or None."""
+    sys.path.insert(0, os.getcwd())  # a target in the current directory, as python -m would
+    module = target.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:  # a parent package that fails to import
+        return f"cannot look up module {module!r} of {target!r}: {exc}"
+    if found is None:
+        return (
+            f"no module named {module!r} (of {target!r}) in {os.getcwd()} or on the "
+            "Python path: run from the directory that holds it, or set PYTHONPATH"
+        )
+    return None
+
+
+class _Usage(Exception):
+    """A mistake in the command line found once the worker answered (exit code 2)."""
 
 
 def _needs_rich(command: Callable[[], int]) -> int:
@@ -132,13 +219,14 @@ def _needs_rich(command: Callable[[], int]) -> int:
         import rich  # noqa: F401 - only to give a clear error before anything starts
     except ImportError:
         sys.stderr.write(
-            "this command draws with rich, which is not installed: pip install 'corral[cli]'\n"
+            f"this command draws with rich, which is not installed: {install_command('cli')}\n"
         )
         return 2
     return command()
 
 
 def _top_main(args: argparse.Namespace) -> int:
+    from . import WorkerStartError
     from ._top import top_pool, top_url
 
     try:
@@ -157,6 +245,9 @@ def _top_main(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:  # Ctrl-C is how top ends; any pool was closed
         return 0
+    except WorkerStartError as exc:
+        sys.stderr.write(f"corral top: {_start_failure(exc)}\n")
+        return 1
 
 
 def _bench_main(argv: list[str]) -> int:
@@ -165,26 +256,78 @@ def _bench_main(argv: list[str]) -> int:
     return run_bench(argv)
 
 
+_LOOKS_LIKE_JSON = re.compile(r'\s*[\[{"]')
+
+
 def _parse_argument(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as exc:
+        if _LOOKS_LIKE_JSON.match(text):  # meant as JSON: passing it as text would surprise
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
         return text
 
 
-async def _call_once(target: str, method: str, raw: list[str], timeout: float | None) -> int:
-    """One worker, one call: the result on stdout as JSON, an error on stderr."""
-    from . import CorralError, Pool
+async def _call_once(args: argparse.Namespace) -> int:
+    """One worker, one call: the result on stdout as JSON (each item, with --stream),
+    a corral error on stderr (exit code 1), a mistake in the command line as _Usage."""
+    from . import CorralError, MethodNotFound, Pool, RemoteError, WorkerStartError
 
-    sys.path.insert(0, os.getcwd())  # a target in the current directory, as python -m would
+    method: str = args.method
     try:
-        async with Pool(target, size=1) as pool:
-            result = await pool.call(method, *map(_parse_argument, raw), timeout=timeout)
+        pool = Pool(args.target, size=1)
+    except (TypeError, ValueError) as exc:
+        raise _Usage(str(exc)) from None
+    handlers: tuple[str, ...] = ()
+    try:
+        async with pool:
+            handlers = tuple(pool.workers[0].handlers) if pool.workers else ()
+            if handlers and method not in handlers:
+                raise _Usage(_no_such_handler(args.target, method, handlers))
+            if args.stream:
+                stream = pool.stream(method, *args.args, session=args.session, timeout=args.timeout)
+                async for item in stream:
+                    _print_json(item)
+            else:
+                _print_json(
+                    await pool.call(method, *args.args, session=args.session, timeout=args.timeout)
+                )
+    except MethodNotFound:
+        raise _Usage(_no_such_handler(args.target, method, handlers)) from None
+    except RemoteError as exc:
+        if exc.type == "TypeError" and "use pool.stream()" in exc.message:
+            raise _Usage(f"{method!r} streams its results: add --stream") from None
+        sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
+        return 1
+    except WorkerStartError as exc:
+        sys.stderr.write(f"corral call: {_start_failure(exc)}\n")
+        return 1
     except CorralError as exc:
         sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
         return 1
-    sys.stdout.write(json.dumps(result, default=repr) + "\n")
+    except (TypeError, ValueError) as exc:  # refused at the call site: nothing was sent
+        raise _Usage(str(exc)) from None
     return 0
+
+
+def _no_such_handler(target: str, method: str, handlers: tuple[str, ...]) -> str:
+    return f"{target} has no handler {method!r}; its handlers: {', '.join(handlers) or 'none'}"
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, default=repr) + "\n")
+    sys.stdout.flush()
+
+
+def _start_failure(exc: Exception) -> str:
+    """A worker that could not start, in one line: what failed and the exception it
+    printed last (the full traceback is in the error's stderr tail, with -v)."""
+    first = str(getattr(exc, "message", exc)).splitlines()[0]
+    tail = [line for line in (getattr(exc, "stderr_tail", None) or "").splitlines() if line]
+    last = tail[-1].strip() if tail else ""
+    return f"{first}: {last}" if last else first
 
 
 if __name__ == "__main__":

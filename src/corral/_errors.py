@@ -17,7 +17,9 @@ modules that detect the failure.
     ├── WorkerStartError            a worker could not start (bad target, import error)
     ├── ProtocolError               a worker broke the protocol (replaced)
     ├── PayloadTooLarge             a message is over the size limit (nothing sent)
-    └── EncodeError (TypeError)     an argument cannot be encoded (nothing sent)
+    ├── EncodeError (TypeError)     an argument cannot be encoded (nothing sent)
+    ├── CircuitOpen                 a pool's circuit breaker is open (nothing sent)
+    └── AllPoolsFailed              every pool of a workload's chain refused or failed
 
 Every error carries the attributes below (None where they do not apply), so a log
 line or a traceback always says which worker, which call and, for a dead worker,
@@ -30,7 +32,9 @@ import signal
 from typing import Any
 
 __all__ = [
+    "AllPoolsFailed",
     "CallTimeout",
+    "CircuitOpen",
     "CorralError",
     "EncodeError",
     "MethodNotFound",
@@ -195,3 +199,44 @@ class PayloadTooLarge(CorralError):
 
 class EncodeError(CorralError, TypeError):
     """An argument cannot be encoded as MessagePack; nothing was sent."""
+
+
+class CircuitOpen(CorralError):
+    """A pool's circuit breaker is open: the call was refused at once, nothing was sent.
+
+    ``pool`` names the pool, ``retry_after`` says in how many seconds the
+    breaker lets a probe through (0 while half-open and its probes are out).
+    """
+
+    def __init__(self, message: str, *, pool: str, retry_after: float, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.pool = pool
+        self.retry_after = retry_after
+
+
+class AllPoolsFailed(CorralError):
+    """Every pool a workload may use refused or failed the call.
+
+    ``attempts`` lists, in order, each ``(pool name, error)`` tried; the last
+    error is also the ``__cause__``. Raised by ``corral.Pools`` when a fallback
+    chain of more than one pool runs out.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        workload: str,
+        attempts: tuple[tuple[str, CorralError], ...],
+        **context: Any,
+    ) -> None:
+        super().__init__(message, **context)
+        self.workload = workload
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        lines = [super().__str__()]
+        for pool, error in self.attempts:
+            first = str(error).split("\n", 1)[0]
+            lines.append(f"  {pool}: {type(error).__name__}: {first}")
+        return "\n".join(lines)

@@ -31,10 +31,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from ._errors import WorkerStartError, describe_exit
 from ._framing import FrameDecoder, FrameEncoder
+from ._log import get_logger
 from ._messages import ParentBound
 from ._shepherd_control import ShepherdControl
 from ._transport import FrameConnection, open_pipe_connection
@@ -55,7 +54,7 @@ Spawner = Callable[
     Awaitable[tuple[asyncio.SubprocessTransport, int]],
 ]
 
-_log = structlog.get_logger("corral")
+_log = get_logger("corral")
 
 
 class _Unavailable(Exception):

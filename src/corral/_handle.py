@@ -22,8 +22,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-import structlog
-
 from ._errors import (
     CallTimeout,
     CorralError,
@@ -39,6 +37,7 @@ from ._errors import (
     describe_exit,
 )
 from ._launcher import LaunchedWorker, Launcher, WorkerSpec
+from ._log import get_logger
 from ._messages import (
     PROTOCOL_VERSION,
     Call,
@@ -232,7 +231,7 @@ class WorkerHandle:
         self._truncated: ProtocolError | None = None  # the wire ended inside a frame
         self.last_pong = time.monotonic()
         self._ping_sent_at: float | None = None
-        self._log = structlog.get_logger("corral").bind(pool=pool_name, worker_id=self.id)
+        self._log = get_logger("corral").bind(pool=pool_name, worker_id=self.id)
 
     # --- derived state --------------------------------------------------------
 

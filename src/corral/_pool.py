@@ -28,8 +28,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self, cast
 
-import structlog
-
 from . import _router
 from ._config import PoolConfig
 from ._door import (
@@ -58,6 +56,7 @@ from ._errors import (
 )
 from ._handle import _END, PendingCall, WorkerHandle
 from ._launcher import Launcher, LocalLauncher, WorkerSpec
+from ._log import Repeats, get_logger
 from ._shm import new_pool_prefix, unlink_segments
 from ._state import WorkerState
 from ._stats import LatencyRecorder, PoolStats
@@ -206,7 +205,9 @@ class Pool:
         self.name = name or f"pool{next(_pool_numbers)}"
         self._launcher: Launcher = launcher or LocalLauncher()
         self._shm_prefix = new_pool_prefix()  # large-buffer segments: /dev/shm/<prefix><n>-*
-        self._log = structlog.get_logger("corral").bind(pool=self.name)
+        self._log = get_logger("corral").bind(pool=self.name)
+        # call.failed storms (load shed, a pool down) log a count per second, not a line per call
+        self._failures_log = Repeats(self._log)
         self._fork_generation = _fork_generation
         self._workers: list[WorkerHandle] = []
         self._queues = _WaitQueues()
@@ -337,6 +338,7 @@ class Pool:
         self._sessions.clear()
         unlink_segments(self._shm_prefix)  # each worker's exit did; this catches any stray
         self._state = "closed"
+        self._failures_log.flush()
         self._log.info("pool.closed")
 
     # --- public calls -------------------------------------------------------------
@@ -430,9 +432,11 @@ class Pool:
             self._calls_failed[type(exc).__name__] += 1
             if started is not None:
                 self._latency.record(_clock() - started)
-            log = self._log.info if isinstance(exc, _CALLER_ERRORS) else self._log.warning
+            level = "info" if isinstance(exc, _CALLER_ERRORS) else "warning"
             remote = {"remote_type": exc.type} if isinstance(exc, RemoteError) else {}
-            log(
+            self._failures_log.log(
+                level,
+                (type(exc), method, remote.get("remote_type")),
                 "call.failed",
                 method=method,
                 call_id=exc.call_id,

@@ -34,9 +34,9 @@ import struct
 from typing import Any
 
 import msgspec
-import structlog
 
 from ._errors import EncodeError, PayloadTooLarge, ProtocolError
+from ._log import get_logger
 from ._messages import Call, Chunk, Result
 
 __all__ = [
@@ -58,7 +58,7 @@ _MAX_NAME = 200
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
-_log = structlog.get_logger("corral")
+_log = get_logger("corral")
 
 
 class LostSegment(ProtocolError):

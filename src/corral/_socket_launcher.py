@@ -30,13 +30,13 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
-import structlog
 
 from ._door import check_seconds
 from ._errors import ProtocolError, WorkerStartError
 from ._framing import FrameDecoder, FrameEncoder
 from ._handshake import HandshakeError, Role, Ticket, TicketBook, server_handshake
 from ._launcher import WorkerEvents, WorkerSpec
+from ._log import get_logger
 from ._messages import ParentBound
 from ._shim import (
     ShimExited,
@@ -64,7 +64,7 @@ _MAX_PENDING_HANDSHAKES = 64
 _ACCEPT_BURST = 32
 _PLACEMENT_END_GRACE = 1.0  # after the placement ends, how long the exit status may take
 
-_log = structlog.get_logger("corral")
+_log = get_logger("corral")
 
 
 class Listener:

@@ -207,6 +207,8 @@ async def top_pool(
     try:
         with console.status(f"starting {size} workers of {target} ..."):
             await pool.start()
+    except corral.WorkerStartError:
+        raise  # the command line says it in one line
     except corral.CorralError as exc:
         sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
         return 1

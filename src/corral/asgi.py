@@ -51,25 +51,34 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from ._door import check_timeout
 from ._pool import CallStream, Pool, WorkerLease
+from ._pools import Pools
+from ._routing_page import build_routing_app
 from ._status_page import build_status_app
 
 __all__ = [
+    "FRONT_KEY",
     "POOLS_KEY",
     "POOL_KEY",
+    "FrontSource",
+    "FrontState",
     "CallStreamResponse",
     "Encoder",
     "PoolSource",
     "PoolState",
     "checked_out_worker",
     "checkout_dependency",
+    "front_lifespan",
+    "get_front",
     "get_pool",
     "health_routes",
     "liveness",
     "ndjson",
+    "open_front",
     "open_pools",
     "pool_dependency",
     "pool_lifespan",
     "readiness",
+    "routing_status_app",
     "sse",
     "status_app",
     "stream_response",
@@ -83,6 +92,12 @@ POOLS_KEY: Final = "corral_pools"
 
 PoolSource = Pool | Callable[[], Pool]
 """A pool, or (better) a zero-argument callable that builds one at startup."""
+
+FRONT_KEY: Final = "corral_front"
+"""Lifespan state key of the ``corral.Pools`` front opened by ``front_lifespan``/``open_front``."""
+
+FrontSource = Pools | Callable[[], Pools]
+"""A Pools front, or (better) a zero-argument callable that builds one at startup."""
 
 
 class PoolState(TypedDict):
@@ -162,6 +177,49 @@ def pool_lifespan(
 
     def lifespan(app: Any) -> contextlib.AbstractAsyncContextManager[PoolState]:
         return open_pools(*pools)
+
+    return lifespan
+
+
+class FrontState(TypedDict):
+    """What ``open_front`` yields: the front, and its pools as ``open_pools`` would."""
+
+    corral_pool: Pool
+    corral_pools: dict[str, Pool]
+    corral_front: Pools
+
+
+@contextlib.asynccontextmanager
+async def open_front(source: FrontSource) -> AsyncIterator[FrontState]:
+    """Build and start a ``corral.Pools`` front, yield it as lifespan state, close it on exit.
+
+    Its pools start together (if one cannot start, the others are closed and
+    the error propagates, so the server refuses to start) and close together.
+    The state also holds the pools under ``POOL_KEY`` (the first) and
+    ``POOLS_KEY`` (by name), so ``get_pool``, ``pool_dependency``,
+    ``health_routes`` and ``status_app`` work as with ``open_pools``.
+    """
+    front = source if isinstance(source, Pools) else source()
+    if not isinstance(front, Pools):
+        raise TypeError(f"the front factory {source!r} returned {front!r}, not a corral.Pools")
+    async with front:
+        pools = front.pools
+        yield {POOL_KEY: next(iter(pools.values())), POOLS_KEY: pools, FRONT_KEY: front}
+
+
+def front_lifespan(
+    source: FrontSource,
+) -> Callable[[Any], contextlib.AbstractAsyncContextManager[FrontState]]:
+    """A ``lifespan=`` for ``Starlette(...)``/``FastAPI(...)`` that runs ``open_front``.
+
+    ``FastAPI(lifespan=front_lifespan(make_front))``: one entry opens and
+    closes every pool of the front. Requests find it with ``get_front``.
+    """
+    if not isinstance(source, Pools) and not callable(source):
+        raise TypeError(f"expected a Pools or a callable returning one, got {source!r}")
+
+    def lifespan(app: Any) -> contextlib.AbstractAsyncContextManager[FrontState]:
+        return open_front(source)
 
     return lifespan
 
@@ -354,6 +412,22 @@ def stream_response(
 
 # --- health ----------------------------------------------------------------------------
 
+
+def get_front(request: HTTPConnection) -> Pools:
+    """The application's ``corral.Pools`` front, from the lifespan state.
+
+    A dependency: ``pools: Annotated[Pools, Depends(get_front)]``. Raises
+    RuntimeError when the lifespan did not open one (``front_lifespan``).
+    """
+    front = _state_value(request, FRONT_KEY)
+    if not isinstance(front, Pools):
+        raise RuntimeError(
+            f"no corral front at request.state.{FRONT_KEY}: give the application "
+            "lifespan=front_lifespan(...), or yield the state of open_front(...) from its own"
+        )
+    return front
+
+
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -468,3 +542,27 @@ def status_app(
         return pool if pool is not None else _pool_of(conn, name)
 
     return build_status_app(find_pool, interval=interval)
+
+
+def routing_status_app(front: Pools | None = None, *, interval: float = 1.0) -> Starlette:
+    """A live page for a ``corral.Pools`` front: an ASGI app to mount anywhere.
+
+    ``GET /`` shows a row per pool (its state, its breaker and what the front
+    sent there), per pool a chart of the last five minutes (calls/s,
+    failures/s, p50 and p99 latency, with breaker transitions and evictions
+    marked), the workloads and rules, and the breakers' history.
+    ``GET /routing.json`` is the same data (``Pools.status()``). Self-contained,
+    like ``status_app``: no external asset. Without ``front`` it shows the front
+    of the lifespan state (``front_lifespan``/``open_front``)::
+
+        app.mount("/corral/routing", routing_status_app())
+    """
+    if front is not None and not isinstance(front, Pools):
+        raise TypeError(f"routing_status_app() takes a corral.Pools or nothing, got {front!r}")
+    if not interval > 0:
+        raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
+
+    def find_front(conn: HTTPConnection) -> Pools:
+        return front if front is not None else get_front(conn)
+
+    return build_routing_app(find_front, interval=interval)

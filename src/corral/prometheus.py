@@ -4,6 +4,7 @@
     from corral.prometheus import PoolCollector
 
     REGISTRY.register(PoolCollector(pool))
+    REGISTRY.register(PoolsCollector(pools))   # a Pools front: its pools and its routing
 
 Owns: the metric names, their labels and how each is read from a PoolStats.
 Must not touch: the pool beyond ``stats()``. Importing this module imports
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -28,9 +29,12 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ._pool import Pool
+from ._pools import Pools, PoolsStats
 from ._stats import PoolStats
 
-__all__ = ["PoolCollector"]
+__all__ = ["PoolCollector", "PoolsCollector"]
+
+_BREAKER_STATES = ("closed", "open", "half_open")
 
 _STATES = ("starting", "idle", "busy", "draining", "stopping")
 
@@ -170,3 +174,131 @@ class PoolCollector(Collector):
             buckets.append(("+Inf", float(histogram.count)))
             latency.add_metric([pool], buckets, sum_value=histogram.sum)
         yield latency
+
+
+class PoolsCollector(PoolCollector):
+    """Exposes a ``corral.Pools`` front: every metric of its pools, plus its routing.
+
+    Routing metrics (``corral_`` is the namespace):
+
+    - counters by ``pool``: ``route_attempts_total`` (calls sent to the pool),
+      ``route_served_total``, ``route_failures_total`` (the pool's fault, as its
+      breaker counts them), ``route_circuit_open_total`` (refused by its open
+      breaker), ``route_fallbacks_total`` (calls that left it for the next pool),
+      ``route_retries_total{result}`` (``taken``, ``denied`` by the budget),
+      ``breaker_transitions_total{transition}`` (``closed->open``...);
+    - gauge ``breaker_state{pool, state}``: 1 for the pool's current state
+      (``closed``, ``open``, ``half_open``; with per-method breakers, the worst);
+    - counters by ``workload``: ``workload_calls_total``,
+      ``workload_exhausted_total`` (every pool of the chain refused or failed).
+    """
+
+    def __init__(self, pools: Pools, *, namespace: str = "corral", timeout: float = 5.0) -> None:
+        """Collect from the front ``pools``.
+
+        Raises:
+            TypeError: ``pools`` is not a ``corral.Pools``.
+        """
+        if not isinstance(pools, Pools):
+            raise TypeError(
+                f"PoolsCollector() takes a corral.Pools, got {type(pools).__qualname__}"
+            )
+        super().__init__(*pools.pools.values(), namespace=namespace, timeout=timeout)
+        self._front = pools
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric families without samples (nothing is read)."""
+        yield from self._families([])
+        yield from self._route_families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        """The pools' metrics, then the front's."""
+        front = self._on_loop(self._front._loop, self._front.stats)
+        yield from self._families(list(front.pools.items()))
+        yield from self._route_families(front)
+
+    def _on_loop(
+        self, loop: asyncio.AbstractEventLoop | None, read: Callable[[], PoolsStats]
+    ) -> PoolsStats:
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return read()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return read()
+        result: concurrent.futures.Future[PoolsStats] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                result.set_result(read())
+            except Exception as exc:  # noqa: BLE001 - handed to the scraping thread, raised there
+                result.set_exception(exc)
+
+        loop.call_soon_threadsafe(take)
+        try:
+            return result.result(self._timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the event loop of the Pools front did not answer within {self._timeout}s "
+                "(blocked?): no stats for this scrape"
+            ) from None
+
+    def _route_families(self, front: PoolsStats | None) -> Iterator[Metric]:
+        p = self._prefix
+        routes = front.routes if front is not None else {}
+
+        def by_pool(name: str, doc: str, read: str) -> CounterMetricFamily:
+            family = CounterMetricFamily(p + name, doc, labels=["pool"])
+            for pool, stats in routes.items():
+                family.add_metric([pool], float(getattr(stats, read)))
+            return family
+
+        yield by_pool("route_attempts", "Calls the front sent to the pool.", "routed")
+        yield by_pool("route_served", "Calls the pool answered.", "served")
+        yield by_pool("route_failures", "Calls the pool failed by its own fault.", "failed")
+        yield by_pool(
+            "route_circuit_open", "Calls refused by the pool's open breaker.", "circuit_open"
+        )
+        yield by_pool(
+            "route_fallbacks", "Calls that left the pool for the next of their chain.", "fallbacks"
+        )
+        retries = CounterMetricFamily(
+            p + "route_retries",
+            "Retries, taken or denied by the budget.",
+            labels=["pool", "result"],
+        )
+        transitions = CounterMetricFamily(
+            p + "breaker_transitions",
+            "Circuit breaker transitions.",
+            labels=["pool", "transition"],
+        )
+        state = GaugeMetricFamily(
+            p + "breaker_state", "1 for the breaker's current state.", labels=["pool", "state"]
+        )
+        for pool, stats in routes.items():
+            retries.add_metric([pool, "taken"], float(stats.retries))
+            retries.add_metric([pool, "denied"], float(stats.retries_denied))
+            for transition, n in sorted(stats.transitions.items()):
+                transitions.add_metric([pool, transition], float(n))
+            for name in _BREAKER_STATES:
+                state.add_metric([pool, name], 1.0 if stats.breaker == name else 0.0)
+        yield retries
+        yield transitions
+        yield state
+        calls = CounterMetricFamily(
+            p + "workload_calls", "Calls routed, by workload.", labels=["workload"]
+        )
+        exhausted = CounterMetricFamily(
+            p + "workload_exhausted",
+            "Calls every pool of the workload's chain refused or failed.",
+            labels=["workload"],
+        )
+        if front is not None:
+            for workload, n in front.workloads.items():
+                calls.add_metric([workload], float(n))
+            for workload, n in front.exhausted.items():
+                exhausted.add_metric([workload], float(n))
+        yield calls
+        yield exhausted

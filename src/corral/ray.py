@@ -31,10 +31,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgspec
-import structlog
 
 from ._errors import WorkerStartError
 from ._launcher import WorkerSpec
+from ._log import get_logger
 from ._shim import ShimOrder
 from ._socket_launcher import Listener, Placement, ShimLauncher
 
@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "corral.ray needs Ray: install corral with the 'ray' extra (pip install 'corral[ray]')"
     ) from exc
 
-_log = structlog.get_logger("corral")
+_log = get_logger("corral")
 
 # Options corral sets itself, or that would let an actor outlive its pool.
 _RESERVED_OPTIONS = frozenset(

@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
-import structlog
-
 from .._door import check_seconds, check_timeout
 from .._errors import PoolClosed, PoolTimeout, WorkerCrashed
+from .._log import get_logger
 from .._pool import Pool
 from ._errors import ToolError, ToolExited, ToolStartError, ToolTimeout
 from ._process import ToolSpec
@@ -104,6 +103,18 @@ class ToolHealth:
     detail: str
 
 
+def _last_printed(text: str) -> str:
+    """What a program showed last, for a timeout message: often a continuation
+    prompt (sqlite3's ``...>``) saying it waits for the rest of the input."""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return "the program printed nothing meanwhile"
+    last = lines[-1]
+    if len(last) > 80:
+        last = "..." + last[-77:]
+    return f"the program last printed {last!r} (waiting for more input?)"
+
+
 class ToolInstance:
     """One running program of a ToolPool, reached through its corral session."""
 
@@ -164,6 +175,12 @@ class ToolInstance:
         self._needs_restart = False
         return str(result["banner"])
 
+    async def _ensure_running(self) -> None:
+        """At lease time: restart the program if it has ended (one round trip)."""
+        result = await self._call("tool.lease", self._tools._spec, wait=self._tools.startup_timeout)
+        if result["restarted"]:
+            self.restarts += 1
+
     async def send(self, text: str, *, newline: bool = True) -> int:
         """Queue ``text`` (and a newline) for the program's input; returns at once.
 
@@ -211,7 +228,7 @@ class ToolInstance:
         result = await self._call("tool.run", line, within=timeout, wait=timeout)
         if result["reason"] == "timeout":
             raise ToolTimeout(
-                f"no prompt {tools.prompt!r} within {timeout}s",
+                f"no prompt {tools.prompt!r} within {timeout}s; {_last_printed(result['text'])}",
                 output=str(result["text"]),
                 command=tools.command,
                 session=self.session_id,
@@ -375,7 +392,7 @@ class ToolPool:
         self._free: collections.deque[ToolInstance] = collections.deque(self._instances)
         self._waiters: collections.deque[asyncio.Future[ToolInstance]] = collections.deque()
         self._state = "new"  # new -> starting -> open -> closing -> closed
-        self._log = structlog.get_logger("corral.tools").bind(tools=self.name)
+        self._log = get_logger("corral.tools").bind(tools=self.name)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -502,12 +519,14 @@ class ToolPool:
                         f"no instance of tool pool {self.name} became free within {timeout}s"
                     ) from None
                 raise
-        if instance.needs_restart:
-            try:
+        try:
+            if instance.needs_restart:
                 await instance.restart()
-            except BaseException:
-                self._release(instance)
-                raise
+            else:
+                await instance._ensure_running()  # ended with no call since: nobody knew
+        except BaseException:
+            self._release(instance)
+            raise
         return instance
 
     def _release(self, instance: ToolInstance) -> None:

@@ -346,6 +346,21 @@ class ToolProcess:
         """True while the program runs."""
         return self._proc is not None and self.exit_code is None
 
+    def has_ended(self) -> bool:
+        """Ask the kernel whether the program has ended, without reaping it.
+
+        True as soon as the process is gone, even before the event loop's child
+        watcher has noticed (``alive`` follows the watcher). One ``waitid`` call.
+        """
+        proc = self._proc
+        if proc is None or self.exit_code is not None or proc.returncode is not None:
+            return True
+        try:
+            ended = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True  # already reaped by the watcher
+        return ended is not None
+
     def write(self, data: bytes) -> int:
         """Queue input for the program; never blocks. Returns the bytes queued.
 

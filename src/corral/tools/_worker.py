@@ -18,10 +18,9 @@ import asyncio
 import time
 from typing import Any
 
-import structlog
-
 from corral.worker import App, Context
 
+from .._log import get_logger
 from ._process import ToolProcess, ToolSpec, ToolStartFailed
 
 __all__ = ["app"]
@@ -65,7 +64,7 @@ def _exited(tool: ToolProcess) -> dict[str, Any]:
 
 
 def _log(ctx: Context) -> Any:
-    return structlog.get_logger("corral.tools").bind(
+    return get_logger("corral.tools").bind(
         worker_id=ctx.worker_id, session=ctx.session_id, call_id=ctx.call_id
     )
 
@@ -114,6 +113,22 @@ async def restart(spec: dict[str, Any] | None = None, *, ctx: Context) -> dict[s
             raise ValueError("this session never started a program: pass its spec")
         known = ToolSpec.from_dict(spec)
     return await _replace(ctx, known)
+
+
+@app.handler("tool.lease")
+async def lease(spec: dict[str, Any], *, ctx: Context) -> dict[str, Any]:
+    """Before an instance is handed out: nothing if its program runs, else a restart.
+
+    The check is the process's exit status (``waitid`` without reaping), so a
+    program killed while no one held it is never handed out dead.
+    """
+    tool = _session(ctx).get("tool")
+    if isinstance(tool, ToolProcess) and not tool.has_ended():
+        return {"restarted": False}
+    if isinstance(tool, ToolProcess):
+        _log(ctx).info("tool.ended_between_leases", tool_pid=tool.pid)
+    result = await restart(spec, ctx=ctx)
+    return result if "error" in result else {**result, "restarted": True}
 
 
 @app.handler("tool.send")

@@ -36,10 +36,9 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import structlog
-
 from .._errors import EncodeError, PayloadTooLarge, ProtocolError
 from .._framing import FrameDecoder, FrameEncoder
+from .._log import get_logger
 from .._messages import (
     PROTOCOL_VERSION,
     Call,
@@ -178,7 +177,7 @@ class WorkerRuntime:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         self._shutdown_requested = False
-        self._log = structlog.get_logger("corral.worker").bind(worker_id=worker_id, pid=os.getpid())
+        self._log = get_logger("corral.worker").bind(worker_id=worker_id, pid=os.getpid())
 
     # --- output -----------------------------------------------------------------
 
@@ -663,7 +662,7 @@ async def serve(
     With ``large_buffers``, arguments and results over its threshold travel
     through shared-memory segments (``corral._shm``).
     """
-    log = structlog.get_logger("corral.worker").bind(worker_id=worker_id, pid=os.getpid())
+    log = get_logger("corral.worker").bind(worker_id=worker_id, pid=os.getpid())
     encoder = FrameEncoder(max_message_size, large_buffers)
     writer = BlockingFrameWriter(write_fd, encoder)
     runtime = WorkerRuntime(app, worker_id, writer, encoder)
