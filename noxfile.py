@@ -49,7 +49,7 @@ ANYIO_TESTS = [
 @nox.session(python=PYTHON)
 def anyio(session: nox.Session) -> None:
     """A representative set of async tests run by anyio's pytest plugin (pytest-asyncio off)."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[suite]")
     session.run(
         "pytest",
         "-p",
