@@ -30,6 +30,15 @@ from typing import Any, Self, cast
 
 from . import _router
 from ._config import PoolConfig
+from ._door import (
+    check_count,
+    check_method,
+    check_session,
+    check_session_required,
+    check_target,
+    check_timeout,
+    running_loop,
+)
 from ._errors import (
     CallTimeout,
     CorralError,
@@ -188,12 +197,12 @@ class Pool:
         name: str | None = None,
         **options: Any,
     ) -> None:
-        if not isinstance(target, str) or ":" not in target:
-            raise ValueError(f"target must look like 'package.module:app', got {target!r}")
-        self.target = target
         self.config = (
             (config or PoolConfig()).replace(**options) if options else (config or PoolConfig())
         )
+        self.target = check_target(target, python=self.config.python)
+        if name is not None and (not isinstance(name, str) or not name.isprintable()):
+            raise TypeError(f"name must be a printable str, got {name!r}")
         self.name = name or f"pool{next(_pool_numbers)}"
         self._launcher: Launcher = launcher or LocalLauncher()
         self._shm_prefix = new_pool_prefix()  # large-buffer segments: /dev/shm/<prefix><n>-*
@@ -257,10 +266,11 @@ class Pool:
         worker cannot start; the pool is then closed.
         """
         self._check_fork()
+        loop = running_loop("Pool.start()")
         if self._state != "new":
             raise PoolClosed(f"pool {self.name} was already started")
         self._state = "starting"
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         _started_pools.add(self)
         self._idle_event = asyncio.Event()
         self._wake_supervisor = asyncio.Event()
@@ -355,6 +365,9 @@ class Pool:
         """
         # One coroutine frame on the hot path: no worker to wait for means no await
         # before the call is on the wire.
+        method, session = check_method(method), check_session(session)
+        if type(retries) is not int or retries < 0:
+            check_count(retries, "retries")
         started = _clock()
         span = None if self._tracer is None else self._tracer.start(method, session, False)
         try:
@@ -465,6 +478,7 @@ class Pool:
 
         Breaking out of the loop (or ``aclose()``) stops the handler in the worker.
         """
+        method, session = check_method(method), check_session(session)
         return CallStream(self, None, method, args, kwargs, session, self._deadline(timeout))
 
     def checkout(self, *, session: str | None = None, timeout: float | None = None) -> _Checkout:
@@ -474,10 +488,11 @@ class Pool:
         only the wait for a worker (PoolTimeout). On exit a failed worker is
         evicted; a call still in flight is cancelled in the worker.
         """
-        return _Checkout(self, session, timeout)
+        return _Checkout(self, check_session(session), check_timeout(timeout))
 
     async def close_session(self, session: str) -> None:
         """Drop a session's state in its worker; the next call starts it afresh."""
+        session = check_session_required(session)
         self._check_fork()
         self._lost_sessions.pop(session, None)
         self._end_session(session)
@@ -538,6 +553,7 @@ class Pool:
         With ``preload``, a new template imports the preloaded modules first,
         and the replacements are forked from it.
         """
+        timeout = check_timeout(timeout)
         self._check_open()
         refresh = getattr(self._launcher, "refresh", None)  # preloaded modules: new code too
         if refresh is not None:
@@ -557,7 +573,8 @@ class Pool:
         Raises PoolTimeout past ``timeout``, PoolClosed if the pool closes, and
         PoolFailed if it fails while waiting.
         """
-        want = self._target if count is None else count
+        timeout = check_timeout(timeout)
+        want = self._target if count is None else check_count(count, "count")
 
         def ready() -> bool:
             self._check_open()
@@ -575,6 +592,7 @@ class Pool:
 
         Raises PoolTimeout past ``timeout``.
         """
+        timeout = check_timeout(timeout)
         self._check_fork()
         if not await self._wait_until(lambda: not any(w.inflight for w in self._workers), timeout):
             raise PoolTimeout(f"calls still in flight after {timeout}s")
@@ -637,12 +655,11 @@ class Pool:
     # --- placement and waiting ------------------------------------------------------
 
     def _deadline(self, timeout: float | None) -> float | None:
+        timeout = check_timeout(timeout)
         if timeout is None:
             timeout = self.config.call_timeout
         if timeout is None:
             return None
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0, got {timeout!r}")
         return asyncio.get_running_loop().time() + timeout
 
     def _check_fork(self) -> None:
@@ -1255,6 +1272,7 @@ class WorkerLease:
         self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any
     ) -> Any:
         """Run a call on this worker (in the checkout's session, if it has one)."""
+        method = check_method(method)
         self._check(method)
         pool = self._pool
         pool._touch_session(self.session)
@@ -1301,6 +1319,7 @@ class WorkerLease:
         The same as ``Pool.stream()``, on the leased worker: iterate the result
         with ``async for``.
         """
+        method = check_method(method)
         self._check(method)
         return CallStream(
             self._pool, self, method, args, kwargs, self.session, self._pool._deadline(timeout)
@@ -1344,8 +1363,6 @@ class _Checkout:
         pool = self._pool
         deadline = None
         if self._timeout is not None:
-            if self._timeout <= 0:
-                raise ValueError(f"timeout must be > 0, got {self._timeout!r}")
             deadline = asyncio.get_running_loop().time() + self._timeout
         worker = await pool._acquire(self._session, True, deadline, None)
         pool._touch_session(self._session)

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from ._door import check_seconds
 from ._errors import PlacementError, ProtocolError, WorkerStartError
 from ._framing import FrameDecoder, FrameEncoder
 from ._handshake import (
@@ -532,14 +533,12 @@ class ShimLauncher:
         handshake_timeout: float = 10.0,
         kill_timeout: float = 5.0,
     ) -> None:
-        if start_timeout <= 0:
-            raise ValueError(f"start_timeout must be positive, got {start_timeout}")
         self.host = host
         self.port = port
         self.advertise_host = advertise_host
-        self.start_timeout = start_timeout
-        self.handshake_timeout = handshake_timeout
-        self.kill_timeout = kill_timeout
+        self.start_timeout = check_seconds(start_timeout, "start_timeout")
+        self.handshake_timeout = check_seconds(handshake_timeout, "handshake_timeout")
+        self.kill_timeout = check_seconds(kill_timeout, "kill_timeout")
         self._listener: Listener | None = None
         self._users = 0
 

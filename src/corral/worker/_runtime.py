@@ -113,7 +113,20 @@ def _describe(exc: BaseException) -> tuple[str, str, str]:
         message = str(exc)
     except Exception as str_failure:  # noqa: BLE001 - a broken __str__ must not kill the worker
         message = f"<unprintable {kind.__name__}: {str_failure!r}>"
+    if not message:
+        message = _where(exc)
     return name, message, "".join(traceback.format_exception(exc))
+
+
+def _where(exc: BaseException) -> str:
+    """For an exception raised without a message (a bare ``assert``): where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    what = "assertion failed" if isinstance(exc, AssertionError) else "raised"
+    line = f": {last.line}" if last.line else ""
+    return f"{what} at {os.path.basename(last.filename)}:{last.lineno} in {last.name}(){line}"
 
 
 async def run_hooks(
@@ -277,7 +290,7 @@ class WorkerRuntime:
                 call.id,
                 ErrorKind.USAGE,
                 "TypeError",
-                f"handler {call.method!r} is a {handler.kind.value}: use pool.stream(), "
+                f"handler {call.method!r} is {handler.kind.described}: use pool.stream(), "
                 "not pool.call()",
             )
         if call.timeout is not None and call.timeout <= 0:
