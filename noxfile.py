@@ -19,7 +19,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "anyio", "lint", "typecheck"]
 
 ROOT = Path(__file__).parent
 PYTHON = "3.11"
@@ -32,6 +32,32 @@ def tests(session: nox.Session) -> None:
     """The test suite, on each supported Python."""
     session.install("-e", ".[suite]")
     session.run("pytest", *session.posargs)
+
+
+#: Run under anyio's pytest plugin too: the public contract, checkout, cancellation,
+#: the checks at the door, cancel scopes, and the ASGI helpers.
+ANYIO_TESTS = [
+    "tests/test_api.py",
+    "tests/test_checkout.py",
+    "tests/test_cancellation.py",
+    "tests/test_door.py",
+    "tests/test_anyio.py",
+    "tests/test_asgi.py",
+]
+
+
+@nox.session(python=PYTHON)
+def anyio(session: nox.Session) -> None:
+    """A representative set of async tests run by anyio's pytest plugin (pytest-asyncio off)."""
+    session.install("-e", ".[suite]")
+    session.run(
+        "pytest",
+        "-p",
+        "no:asyncio",
+        "-W",
+        "ignore::pytest.PytestConfigWarning",  # pytest-asyncio's ini options, unused here
+        *(session.posargs or ANYIO_TESTS),
+    )
 
 
 @nox.session(python=PYTHON)

@@ -24,6 +24,8 @@ manages processes or descriptors beyond its own end.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 import corral.pytest_plugin
@@ -47,3 +49,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("allow_leaks") is None:
             item.add_marker(pytest.mark.corral_no_leaks)
+
+
+# --- the suite under anyio's pytest plugin --------------------------------------------
+# ``pytest -p no:asyncio`` runs the async tests with anyio's plugin instead of
+# pytest-asyncio (on anyio's asyncio backend), as FastAPI and Starlette users run
+# theirs: every coroutine test gets the ``anyio`` marker, and its async fixtures
+# run in the same loop. ``nox -s anyio`` does that for a representative set.
+
+
+def _pytest_asyncio_loaded(config: pytest.Config) -> bool:
+    return config.pluginmanager.has_plugin("asyncio")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
+    if (
+        inspect.iscoroutinefunction(obj)
+        and collector.funcnamefilter(name)
+        and not _pytest_asyncio_loaded(collector.config)
+    ):
+        obj.pytestmark = [*getattr(obj, "pytestmark", []), pytest.mark.anyio]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """anyio's plugin on the asyncio backend: corral runs on asyncio only."""
+    return "asyncio"

@@ -16,6 +16,7 @@ import collections
 import time
 from typing import Any
 
+from ._door import check_timeout
 from ._errors import CorralError, EncodeError, PayloadTooLarge, RemoteError
 from ._handle import PendingCall, WorkerHandle
 from ._log import Logger, Repeats
@@ -67,12 +68,11 @@ class CallPath:
 
     def deadline(self, timeout: float | None) -> float | None:
         """The loop time by which a call must end (``timeout``, else ``call_timeout``)."""
+        timeout = check_timeout(timeout)
         if timeout is None:
             timeout = self.call_timeout
             if timeout is None:
                 return None
-        elif timeout <= 0:
-            raise ValueError(f"timeout must be > 0, got {timeout!r}")
         loop = self.loop or asyncio.get_running_loop()  # kept: no getpid() per call
         return loop.time() + timeout
 

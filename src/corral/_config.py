@@ -7,11 +7,13 @@ the event loop; a PoolConfig is plain data, checked when it is built.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._door import check_count, check_seconds, check_timeout
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE, MAX_POSSIBLE_SIZE
 
 __all__ = ["PoolConfig"]
@@ -108,48 +110,34 @@ class PoolConfig:
     on_session_lost: Callable[[str, BaseException], Any] | None = None
 
     def __post_init__(self) -> None:
-        def positive(name: str, value: float | None, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if value is None or value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-
-        if not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"size must be a positive int, got {self.size!r}")
+        # Every count is an int and every duration a finite number of seconds, by
+        # the same rules as a call's timeout (corral._door): a float count or a nan
+        # duration would reach a worker's command line or the loop's timer heap.
+        check_count(self.size, "size", minimum=1)
+        check_count(self.min_size, "min_size", optional=True)
+        check_count(self.max_size, "max_size", minimum=1, optional=True)
         if not 0 <= self.smallest <= self.size <= self.largest:
             raise ValueError(
                 f"need 0 <= min_size <= size <= max_size, got {self.smallest}, {self.size}, "
                 f"{self.largest}"
             )
-        if not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
-            raise ValueError(
-                f"max_concurrency must be a positive int, got {self.max_concurrency!r}"
-            )
-        if not 0 < self.max_message_size <= MAX_POSSIBLE_SIZE:
+        check_count(self.max_concurrency, "max_concurrency", minimum=1)
+        check_count(self.max_message_size, "max_message_size", minimum=1)
+        if self.max_message_size > MAX_POSSIBLE_SIZE:
             raise ValueError(f"max_message_size must be in 1..{MAX_POSSIBLE_SIZE}")
-        threshold = self.large_buffer_threshold
-        if threshold is not None and (not isinstance(threshold, int) or threshold < 0):
-            raise ValueError(
-                f"large_buffer_threshold must be an int >= 0 or None, got {threshold!r}"
-            )
-        if self.max_waiting is not None and self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0 or None, got {self.max_waiting!r}")
-        if self.max_restarts < 0:
-            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
-        if self.stream_window < 1:
-            raise ValueError(f"stream_window must be >= 1, got {self.stream_window!r}")
-        positive("call_timeout", self.call_timeout, allow_none=True)
-        for optional in (
-            "max_requests",
-            "max_lifetime",
-            "max_memory",
-            "max_memory_hard",
-            "session_ttl",
-            "max_sessions_per_worker",
-        ):
-            positive(optional, getattr(self, optional), allow_none=True)
-        if not 0 <= self.recycle_jitter < 1:
-            raise ValueError(f"recycle_jitter must be in [0, 1), got {self.recycle_jitter!r}")
+        check_count(self.large_buffer_threshold, "large_buffer_threshold", optional=True)
+        check_count(self.max_waiting, "max_waiting", optional=True)
+        check_count(self.max_restarts, "max_restarts")
+        check_count(self.stream_window, "stream_window", minimum=1)
+        for name in ("max_requests", "max_memory", "max_memory_hard", "max_sessions_per_worker"):
+            check_count(getattr(self, name), name, minimum=1, optional=True)
+        for name in ("call_timeout", "max_lifetime", "session_ttl"):
+            check_timeout(getattr(self, name), name)
+        jitter = self.recycle_jitter
+        if isinstance(jitter, bool) or not isinstance(jitter, numbers.Real):
+            raise TypeError(f"recycle_jitter must be a number, got {jitter!r}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"recycle_jitter must be in [0, 1), got {jitter!r}")
         for name in (
             "startup_timeout",
             "cancel_grace",
@@ -162,9 +150,16 @@ class PoolConfig:
             "heartbeat_interval",
             "heartbeat_timeout",
             "idle_timeout",
-            "max_spawn_rate",
         ):
-            positive(name, getattr(self, name))
+            check_seconds(getattr(self, name), name)
+        check_seconds(self.max_spawn_rate, "max_spawn_rate", unit="starts a second")
+        for key, value in self.env.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"env must map str to str, got {key!r}: {value!r}")
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise ValueError(f"env has a name or value no process can take: {key!r}")
+        for name, limit in self.worker_rlimits.items():
+            check_count(limit, f"worker_rlimits[{name!r}]")
         object.__setattr__(self, "env", dict(self.env))
         unknown = set(self.worker_rlimits) - {"cpu", "nofile", "core", "nproc", "as", "data"}
         if unknown:

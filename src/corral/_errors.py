@@ -152,6 +152,10 @@ class RemoteError(CorralError):
 class MethodNotFound(RemoteError):
     """No handler is registered under that name; the message lists some that are."""
 
+    def __str__(self) -> str:
+        # The class name already says what failed: no "MethodNotFound: " prefix.
+        return CorralError.__str__(self)
+
 
 class WorkerCrashed(CorralError):
     """The worker process died while the call was in flight; it is being replaced."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._calls import CallPath, clock
 from ._dispatch import Dispatcher
+from ._door import check_method
 from ._errors import PoolClosed
 from ._handle import PendingCall, WorkerHandle
 from ._pool_state import PoolLifecycle
@@ -68,6 +69,7 @@ class WorkerLease:
         self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any
     ) -> Any:
         """Run a call on this worker (in the checkout's session, if it has one)."""
+        method = check_method(method)
         self._check(method)
         calls = self._calls
         session = self.session
@@ -105,6 +107,7 @@ class WorkerLease:
         """
         from ._stream import CallStream
 
+        method = check_method(method)
         self._check(method)
         return CallStream(
             self._calls,
@@ -162,9 +165,7 @@ class Checkout:
 
     async def __aenter__(self) -> WorkerLease:
         deadline = None
-        if self._timeout is not None:
-            if self._timeout <= 0:
-                raise ValueError(f"timeout must be > 0, got {self._timeout!r}")
+        if self._timeout is not None:  # checked by Pool.checkout()
             deadline = asyncio.get_running_loop().time() + self._timeout
         worker = await self._dispatcher.acquire(self._session, True, deadline, None)
         self._calls.sessions.touch(self._session)

@@ -29,6 +29,15 @@ from typing import Any, Self
 
 from ._calls import CallPath, clock
 from ._config import PoolConfig
+from ._door import (
+    check_count,
+    check_method,
+    check_session,
+    check_session_required,
+    check_target,
+    check_timeout,
+    running_loop,
+)
 from ._errors import PoolClosed, PoolTimeout, SessionLost, WorkerCrashed, WorkerStartError
 from ._handle import WorkerHandle
 from ._launch import Launcher, LocalLauncher
@@ -80,12 +89,12 @@ class Pool:
         name: str | None = None,
         **options: Any,
     ) -> None:
-        if not isinstance(target, str) or ":" not in target:
-            raise ValueError(f"target must look like 'package.module:app', got {target!r}")
-        self.target = target
         self.config = (
             (config or PoolConfig()).replace(**options) if options else (config or PoolConfig())
         )
+        self.target = check_target(target, python=self.config.python)
+        if name is not None and (not isinstance(name, str) or not name.isprintable()):
+            raise TypeError(f"name must be a printable str, got {name!r}")
         self.name = name or f"pool{next(_pool_numbers)}"
         cfg = self.config
         self._launcher: Launcher = launcher or LocalLauncher()
@@ -144,7 +153,7 @@ class Pool:
         """
         lifecycle = self._lifecycle
         lifecycle.check_fork()
-        lifecycle.begin_start()
+        lifecycle.begin_start(running_loop("Pool.start()"))
         self._loop = self._calls.loop = lifecycle.loop
         _started_pools.add(self)
         self._log.info("pool.starting", target=self.target, size=self.config.size)
@@ -243,6 +252,9 @@ class Pool:
         # The path of a call, in one coroutine frame: a slot from the dispatcher
         # (no await when one is free), the call started on its worker, its future
         # awaited, the outcome counted.
+        method, session = check_method(method), check_session(session)
+        if type(retries) is not int or retries < 0:
+            check_count(retries, "retries")
         started = clock()
         calls = self._calls
         span = None if calls.tracer is None else calls.tracer.start(method, session, False)
@@ -300,6 +312,7 @@ class Pool:
 
         Breaking out of the loop (or ``aclose()``) stops the handler in the worker.
         """
+        method, session = check_method(method), check_session(session)
         return CallStream(
             self._calls,
             self._dispatcher,
@@ -318,10 +331,17 @@ class Pool:
         only the wait for a worker (PoolTimeout). On exit a failed worker is
         evicted; a call still in flight is cancelled in the worker.
         """
-        return Checkout(self._lifecycle, self._calls, self._dispatcher, session, timeout)
+        return Checkout(
+            self._lifecycle,
+            self._calls,
+            self._dispatcher,
+            check_session(session),
+            check_timeout(timeout),
+        )
 
     async def close_session(self, session: str) -> None:
         """Drop a session's state in its worker; the next call starts it afresh."""
+        session = check_session_required(session)
         self._lifecycle.check_fork()
         self._supervisor.end_session(session)
 
@@ -370,6 +390,7 @@ class Pool:
         With ``preload``, a new template imports the preloaded modules first,
         and the replacements are forked from it.
         """
+        timeout = check_timeout(timeout)
         self._lifecycle.check_open()
         await self._launcher.refresh()  # preloaded modules: new code too
         workers = self._supervisor.workers
@@ -388,8 +409,9 @@ class Pool:
         Raises PoolTimeout past ``timeout``, PoolClosed if the pool closes, and
         PoolFailed if it fails while waiting.
         """
+        timeout = check_timeout(timeout)
         supervisor = self._supervisor
-        want = supervisor.size if count is None else count
+        want = supervisor.size if count is None else check_count(count, "count")
 
         def ready() -> bool:
             self._lifecycle.check_open()
@@ -406,6 +428,7 @@ class Pool:
 
         Raises PoolTimeout past ``timeout``.
         """
+        timeout = check_timeout(timeout)
         self._lifecycle.check_fork()
         workers = self._supervisor.workers
         if not await self._wait_until(lambda: not any(w.inflight for w in workers), timeout):

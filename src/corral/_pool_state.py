@@ -87,11 +87,11 @@ class PoolLifecycle:
             )
         self.state = new
 
-    def begin_start(self) -> None:
-        """NEW -> STARTING; PoolClosed if the pool was started before."""
+    def begin_start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """NEW -> STARTING on ``loop``; PoolClosed if the pool was started before."""
         if self.state is not PoolState.NEW:
             raise PoolClosed(f"pool {self.name} was already started")
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.state = PoolState.STARTING
 
     def finish_start(self) -> None:

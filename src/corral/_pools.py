@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from ._breaker import PROBE, REJECT, BreakerConfig, BreakerState, CircuitBreaker, Transition
+from ._door import check_method, check_seconds, check_session_required
 from ._errors import (
     AllPoolsFailed,
     CallTimeout,
@@ -566,8 +567,7 @@ class Pools:
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], workload: str | None
     ) -> _Route:
         """The call's workload: named, cached for its method, or by the rules (slow path)."""
-        if not isinstance(method, str):
-            raise TypeError(f"method must be a str, got {type(method).__name__}")
+        method = check_method(method)
         if workload is not None:
             route = self._routes.get(workload)
             if route is None:
@@ -645,7 +645,7 @@ class Pools:
         # The fast path: the first pool's breaker is closed, nothing to trace.
         deadline = None
         if timeout is not None:
-            _check_timeout(timeout)
+            timeout = check_seconds(timeout, "timeout")
             deadline = asyncio.get_running_loop().time() + timeout
         route.calls += 1
         member.routed += 1
@@ -747,7 +747,7 @@ class Pools:
             if attempts is None:
                 route.calls += 1
                 if timeout is not None:
-                    _check_timeout(timeout)
+                    timeout = check_seconds(timeout, "timeout")
                 deadline = None if timeout is None else loop_time() + timeout
             else:
                 start = len(attempts)
@@ -891,8 +891,7 @@ class Pools:
 
     def _pin(self, session: str, method: str, workload: str | None) -> _Member:
         """The pool holding ``session``; a new session goes to the first pool that admits."""
-        if not isinstance(session, str):
-            raise TypeError(f"session must be a str, got {type(session).__name__}")
+        session = check_session_required(session)
         member = self._pins.get(session)
         if member is not None:
             return member
@@ -1269,14 +1268,6 @@ class Pools:
     def __repr__(self) -> str:
         parts = [f"{n} {m.worst_state()}" for n, m in self._members.items()]
         return f"<corral.Pools {self._state} [{', '.join(parts)}] workloads={list(self._routes)}>"
-
-
-def _check_timeout(timeout: object) -> None:
-    """A timeout is a finite number > 0; anything else is refused before a pool is tried."""
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
-    if not 0 < timeout < float("inf"):
-        raise ValueError(f"timeout must be a finite number > 0, got {timeout!r}")
 
 
 def _faults(stats: PoolStats) -> int:

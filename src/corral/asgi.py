@@ -49,6 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "install the extra with `pip install 'corral[asgi]'` (FastAPI brings it too)"
     ) from exc
 
+from ._door import check_timeout
 from ._pool import CallStream, Pool, WorkerLease
 from ._pools import Pools
 from ._routing_page import build_routing_app
@@ -287,6 +288,7 @@ def checkout_dependency(
     session is the client's to choose here: derive it from an authenticated
     identity instead when sessions must not be shared (see docs/fastapi.md).
     """
+    timeout = check_timeout(timeout)  # a bad one fails here, not on every request
 
     async def checked_out_worker(request: HTTPConnection) -> AsyncIterator[WorkerLease]:
         target = _pool_of(request, pool)

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from .._door import check_seconds
 from .._errors import PlacementError, ProtocolError, WorkerStartError
 from .._framing import FrameDecoder, FrameEncoder
 from .._log import get_logger
@@ -533,14 +534,12 @@ class ShimLauncher(NothingHeld):
         handshake_timeout: float = 10.0,
         kill_timeout: float = 5.0,
     ) -> None:
-        if start_timeout <= 0:
-            raise ValueError(f"start_timeout must be positive, got {start_timeout}")
         self.host = host
         self.port = port
         self.advertise_host = advertise_host
-        self.start_timeout = start_timeout
-        self.handshake_timeout = handshake_timeout
-        self.kill_timeout = kill_timeout
+        self.start_timeout = check_seconds(start_timeout, "start_timeout")
+        self.handshake_timeout = check_seconds(handshake_timeout, "handshake_timeout")
+        self.kill_timeout = check_seconds(kill_timeout, "kill_timeout")
         self._listener: Listener | None = None
         self._users = 0
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
+from .._door import check_seconds, check_timeout
 from .._errors import PoolClosed, PoolTimeout, WorkerCrashed
 from .._log import get_logger
 from .._pool import Pool
@@ -204,7 +205,8 @@ class ToolInstance:
         that many seconds without output. With no prompt, no marker and no
         quiet period, it reads until the timeout or the end.
         """
-        timeout = self._tools.read_timeout if timeout is None else timeout
+        timeout = check_timeout(timeout) or self._tools.read_timeout
+        quiet = check_timeout(quiet, "quiet")
         result = await self._call(
             "tool.read_until", marker, regex=regex, within=timeout, quiet=quiet, wait=timeout
         )
@@ -222,7 +224,7 @@ class ToolInstance:
         tools = self._tools
         if tools.prompt is None:
             raise ValueError("run() needs a prompt: give ToolPool(prompt=...), or send/read_until")
-        timeout = tools.read_timeout if timeout is None else timeout
+        timeout = check_timeout(timeout) or tools.read_timeout
         result = await self._call("tool.run", line, within=timeout, wait=timeout)
         if result["reason"] == "timeout":
             raise ToolTimeout(
@@ -256,6 +258,7 @@ class ToolInstance:
 
     async def health(self, timeout: float = 5.0) -> ToolHealth:
         """Probe the program: alive, and (with a prompt) answering an empty line in time."""
+        timeout = check_seconds(timeout, "timeout")
         try:
             result = await self._call("tool.health", within=timeout, wait=timeout)
         except WorkerCrashed as exc:
@@ -353,14 +356,9 @@ class ToolPool:
             raise ValueError(f"mode must be 'pty' or 'pipes', got {mode!r}")
         if prompt is not None and not prompt:
             raise ValueError("prompt must be non-empty text, or None for no prompt")
-        for label, value in (
-            ("startup_timeout", startup_timeout),
-            ("read_timeout", read_timeout),
-        ):
-            if not value > 0:
-                raise ValueError(f"{label} must be > 0, got {value!r}")
-        if kill_grace < 0:
-            raise ValueError(f"kill_grace must be >= 0, got {kill_grace!r}")
+        startup_timeout = check_seconds(startup_timeout, "startup_timeout")
+        read_timeout = check_seconds(read_timeout, "read_timeout")
+        kill_grace = 0.0 if kill_grace == 0 else check_seconds(kill_grace, "kill_grace")
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive int, got {workers!r}")
         self.command = argv
@@ -483,9 +481,7 @@ class ToolPool:
         ``timeout`` bounds the wait (PoolTimeout). An instance whose program is
         known to have ended is restarted before it is handed out.
         """
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0, got {timeout!r}")
-        return _Lease(self, timeout)
+        return _Lease(self, check_timeout(timeout))
 
     async def run(self, line: str, timeout: float | None = None) -> str:
         """Run ``line`` on whichever instance is free first; see ToolInstance.run."""

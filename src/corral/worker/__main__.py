@@ -67,10 +67,27 @@ def load_target(spec: str) -> App:
     for part in attr.split("."):
         target = getattr(target, part)
     if callable(target) and not isinstance(target, App):
+        _check_factory(spec, target)
         target = target()  # a factory
     if not isinstance(target, App):
         raise TypeError(f"{spec!r} is {type(target).__qualname__}, not a corral.worker.App")
     return target
+
+
+def _check_factory(spec: str, target: object) -> None:
+    """Refuse, in the words the pool uses, a function that cannot be the App's factory."""
+    import inspect  # only for a factory target: an App target never loads it
+
+    if inspect.iscoroutinefunction(target):
+        raise TypeError(f"`{spec}` is a coroutine function, not a corral.worker.App")
+    if inspect.isfunction(target):
+        try:
+            inspect.signature(target).bind()
+        except TypeError:
+            raise TypeError(
+                f"`{spec}` is a function, not a corral.worker.App; name the App (or a "
+                "factory that takes no arguments and returns one)"
+            ) from None
 
 
 def _parser() -> argparse.ArgumentParser:

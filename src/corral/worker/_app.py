@@ -115,6 +115,11 @@ class HandlerKind(enum.Enum):
     ASYNC_GEN = "async generator"
 
     @property
+    def described(self) -> str:
+        """The kind with its article: "a sync generator", "an async generator"."""
+        return f"{'an' if self.value[0] in 'aeiou' else 'a'} {self.value}"
+
+    @property
     def streams(self) -> bool:
         """True for generators: each item they yield is one chunk of a stream."""
         return self in (HandlerKind.SYNC_GEN, HandlerKind.ASYNC_GEN)

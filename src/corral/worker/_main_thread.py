@@ -33,7 +33,6 @@ import os
 import select
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +60,7 @@ from .._messages import (
 )
 from . import _tracing
 from ._app import App, Context, Handler, HandlerKind
+from ._outcomes import describe, refusal_of
 
 if TYPE_CHECKING:
     import asyncio
@@ -70,7 +70,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MainThreadRuntime", "serve"]
 
-_NOT_FOUND_LISTED = 8
 _DONE = object()
 _READ_SIZE = 1 << 16
 _SYNC = HandlerKind.SYNC
@@ -101,18 +100,6 @@ class _Running:
         self.call = call
         self.ctx = ctx
         self.credit = call.window
-
-
-def _describe(exc: BaseException) -> tuple[str, str, str]:
-    kind = type(exc)
-    name = kind.__qualname__
-    if kind.__module__ not in ("builtins", "__main__"):
-        name = f"{kind.__module__}.{name}"
-    try:
-        message = str(exc)
-    except Exception as str_failure:  # noqa: BLE001 - a broken __str__ must not kill the worker
-        message = f"<unprintable {kind.__name__}: {str_failure!r}>"
-    return name, message, "".join(traceback.format_exception(exc))
 
 
 class MainThreadRuntime:
@@ -218,7 +205,7 @@ class MainThreadRuntime:
 
     def _send_error(self, call_id: int, kind: str, exc: BaseException) -> str:
         """Send an Error for ``exc``; returns the type it names."""
-        name, message, tb = _describe(exc)
+        name, message, tb = describe(exc)
         self._send(Error(call_id, kind, name, message, tb))
         return name
 
@@ -342,33 +329,7 @@ class MainThreadRuntime:
 
     def _refusal(self, call: Call, handler: Handler | None) -> Error | None:
         """Why this call cannot start, as its Error frame; None if it can."""
-        if handler is None:
-            known = sorted(self.app.handlers)
-            listed = ", ".join(repr(n) for n in known[:_NOT_FOUND_LISTED])
-            extra = len(known) - _NOT_FOUND_LISTED
-            more = f" and {extra} more" if extra > 0 else ""
-            return Error(
-                call.id,
-                ErrorKind.METHOD_NOT_FOUND,
-                "MethodNotFound",
-                f"no handler named {call.method!r}; this worker has {listed or 'none'}{more}",
-            )
-        if handler.kind.streams and not call.stream:
-            return Error(
-                call.id,
-                ErrorKind.USAGE,
-                "TypeError",
-                f"handler {call.method!r} is a {handler.kind.value}: use pool.stream(), "
-                "not pool.call()",
-            )
-        if call.timeout is not None and call.timeout <= 0:
-            return Error(
-                call.id,
-                ErrorKind.TIMEOUT,
-                "TimeoutError",
-                "deadline passed before the call started",
-            )
-        return None
+        return refusal_of(self.app, call, handler)
 
     def _start(self, call: Call) -> None:
         handler = self.app.handlers.get(call.method)

@@ -32,7 +32,6 @@ import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,10 +60,10 @@ from .._shm import LargeBuffers
 from .._transport import BlockingFrameWriter, open_frame_reader
 from . import _tracing
 from ._app import App, Context, Handler, HandlerKind
+from ._outcomes import describe, refusal_of
 
 __all__ = ["WorkerRuntime", "run_hooks", "serve"]
 
-_NOT_FOUND_LISTED = 8
 _DONE = object()
 _EAGER_TASKS = sys.version_info >= (3, 12)
 _set_running_loop = asyncio.events._set_running_loop
@@ -102,18 +101,6 @@ class _Running:
         self.error_type: str | None = None
         self.span: Any = None  # the call's OpenTelemetry span, when it carried a traceparent
         self.span_context: contextvars.Context | None = None  # the handler runs in it
-
-
-def _describe(exc: BaseException) -> tuple[str, str, str]:
-    kind = type(exc)
-    name = kind.__qualname__
-    if kind.__module__ not in ("builtins", "__main__"):
-        name = f"{kind.__module__}.{name}"
-    try:
-        message = str(exc)
-    except Exception as str_failure:  # noqa: BLE001 - a broken __str__ must not kill the worker
-        message = f"<unprintable {kind.__name__}: {str_failure!r}>"
-    return name, message, "".join(traceback.format_exception(exc))
 
 
 async def run_hooks(
@@ -226,7 +213,7 @@ class WorkerRuntime:
 
     def _send_error(self, call_id: int, kind: str, exc: BaseException) -> str:
         """Send an Error for ``exc``; returns the type it names."""
-        name, message, tb = _describe(exc)
+        name, message, tb = describe(exc)
         self._send(Error(call_id, kind, name, message, tb))
         return name
 
@@ -261,33 +248,7 @@ class WorkerRuntime:
 
     def _refusal(self, call: Call, handler: Handler | None) -> Error | None:
         """Why this call cannot start, as its Error frame; None if it can."""
-        if handler is None:
-            known = sorted(self.app.handlers)
-            listed = ", ".join(repr(n) for n in known[:_NOT_FOUND_LISTED])
-            extra = len(known) - _NOT_FOUND_LISTED
-            more = f" and {extra} more" if extra > 0 else ""
-            return Error(
-                call.id,
-                ErrorKind.METHOD_NOT_FOUND,
-                "MethodNotFound",
-                f"no handler named {call.method!r}; this worker has {listed or 'none'}{more}",
-            )
-        if handler.kind.streams and not call.stream:
-            return Error(
-                call.id,
-                ErrorKind.USAGE,
-                "TypeError",
-                f"handler {call.method!r} is a {handler.kind.value}: use pool.stream(), "
-                "not pool.call()",
-            )
-        if call.timeout is not None and call.timeout <= 0:
-            return Error(
-                call.id,
-                ErrorKind.TIMEOUT,
-                "TimeoutError",
-                "deadline passed before the call started",
-            )
-        return None
+        return refusal_of(self.app, call, handler)
 
     def _start(self, call: Call) -> None:
         handler = self.app.handlers.get(call.method)
