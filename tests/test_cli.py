@@ -187,14 +187,11 @@ TARGET = "tests.workers.basic:app"
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["tests.workers.basic", "add", "1", "2"], "TARGET must be MODULE:ATTR"),
-        ([":app", "add"], "TARGET must be MODULE:ATTR"),
-        (["tests.workers.basic:", "add"], "TARGET must be MODULE:ATTR"),
-        (
-            [TARGET, "add", "1", "2", "--timeout", "-1"],
-            "--timeout: must be a number of seconds > 0",
-        ),
-        ([TARGET, "add", "1", "2", "--timeout", "nan"], "--timeout: must be a number"),
+        (["tests.workers.basic", "add", "1", "2"], "target must look like 'package.module:app'"),
+        ([":app", "add"], "the module name is missing"),
+        (["tests.workers.basic:", "add"], "the App's name after ':' is missing"),
+        ([TARGET, "add", "1", "2", "--timeout", "-1"], "--timeout: SECONDS must be > 0 seconds"),
+        ([TARGET, "add", "1", "2", "--timeout", "nan"], "SECONDS must be a finite number"),
         ([TARGET, "add", "1", "2", "--timeout", "soon"], "--timeout: must be a number"),
         ([TARGET, "add", "[1, 2", "3"], "'[1, 2' is not valid JSON"),
         (["no_such_module_here:app", "add"], "no module named 'no_such_module_here'"),

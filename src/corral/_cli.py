@@ -13,7 +13,6 @@ import asyncio
 import importlib.util
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -163,13 +162,17 @@ _DEMO_TARGET = "corral._demo_app:app"
 
 
 def _positive(text: str) -> float:
+    """A number of seconds from the command line, by the rule every timeout follows."""
+    from ._door import check_seconds
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
-    return value
+    try:
+        return check_seconds(value, "SECONDS")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _workers(text: str) -> int:
@@ -182,21 +185,28 @@ def _workers(text: str) -> int:
     return value
 
 
+def _cwd_on_path() -> None:
+    """A target in the current directory is found, as ``python -m`` would find it."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def _target(text: str) -> str:
-    module, colon, attr = text.partition(":")
-    dotted = re.compile(r"[^\W\d]\w*(\.[^\W\d]\w*)*")
-    if not (colon and dotted.fullmatch(module) and dotted.fullmatch(attr)):
-        raise argparse.ArgumentTypeError(
-            f"TARGET must be MODULE:ATTR naming a corral.worker.App, as in workers:app; "
-            f"got {text!r}"
-        )
-    return text
+    """MODULE:ATTR, by the rule the pool follows (``check_target``: its shape, and an
+    attribute that is plainly not an App), before any process starts."""
+    from ._target_check import check_target
+
+    _cwd_on_path()
+    try:
+        return check_target(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _target_problem(target: str) -> str | None:
     """Why ``target``'s module cannot be found from here (checked before any process
     starts, without importing the module itself), or None."""
-    sys.path.insert(0, os.getcwd())  # a target in the current directory, as python -m would
+    _cwd_on_path()
     module = target.partition(":")[0]
     try:
         found = importlib.util.find_spec(module)

@@ -129,6 +129,7 @@ class MainThreadRuntime:
         self._running: dict[int, _Running] = {}
         self._max_seen_id = 0
         self._early_cancels: set[int] = set()
+        self._spans_open = 0  # traced calls in flight: their replies wait for the span's end
         # Main thread only:
         self._parked: dict[int, _Running] = {}  # sync streams waiting for credit
         self._shutdown_requested = False
@@ -152,7 +153,7 @@ class MainThreadRuntime:
         with self._out_lock:
             self._append(message, self._out)
         if threading.get_ident() != self._main:
-            if len(self._running) <= 1:
+            if len(self._running) <= 1 and not self._spans_open:
                 self.flush()  # one call in flight: nothing to coalesce with
             elif self._async is not None:
                 self._async.flush_soon()
@@ -380,6 +381,10 @@ class MainThreadRuntime:
         tracing = _tracing.tracing()
         if tracing is not None:
             running.span, running.span_context = tracing.start(running.call, self.worker_id)
+            with self._lock:
+                # Its reply is written at the end of the tick, after _finish ends
+                # the span: whoever reads the spans after the reply sees this one.
+                self._spans_open += 1
 
     def _end_span(self, running: _Running) -> None:
         tracing = _tracing.tracing()
@@ -533,6 +538,8 @@ class MainThreadRuntime:
             running.timer.cancel()
         if running.span is not None:
             self._end_span(running)
+            with self._lock:
+                self._spans_open -= 1
         if owed:
             self._send(CancelAck(call_id))
         if idle and (self._shutdown_requested or self._stopping):
