@@ -117,7 +117,7 @@ async def _corral_placed(launcher: Any) -> AsyncIterator[Call]:
 
 
 def corral_tcp_system() -> contextlib.AbstractAsyncContextManager[Call]:
-    from corral._socket_launcher import SubprocessShimLauncher
+    from corral._launch._socket_launcher import SubprocessShimLauncher
 
     return _corral_placed(SubprocessShimLauncher())
 

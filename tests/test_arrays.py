@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 import corral
 from corral import Pool
+from corral._launch._socket_launcher import SubprocessShimLauncher
 from corral._shm import SHM_DIR
-from corral._socket_launcher import SubprocessShimLauncher
 
 np = pytest.importorskip("numpy")
 hnp = pytest.importorskip("hypothesis.extra.numpy")

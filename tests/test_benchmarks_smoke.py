@@ -1,7 +1,8 @@
-"""The benchmark harness runs end to end, through ``corral bench`` (no timing is asserted here).
+"""The benchmark harness runs end to end (no timing is asserted here).
 
-``corral bench`` runs the same harness as ``python -m benchmarks.run``, with a
-progress bar over the figures on stderr.
+``python -m benchmarks.run`` (``nox -s bench``) is the comparison with other
+libraries behind docs/performance.md; ``corral bench`` (tests/test_cli.py) is
+the installed package's own, and does not use it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ def test_quick_benchmark_prints_the_table_with_ratios() -> None:
         [
             sys.executable,
             "-m",
-            "corral._cli",
-            "bench",
+            "benchmarks.run",
             "--quick",
             "--systems",
             "corral",
@@ -38,8 +38,6 @@ def test_quick_benchmark_prints_the_table_with_ratios() -> None:
         assert row in run.stdout
     assert "(1.00x)" in run.stdout  # the floor's own column
     assert "corral session calls / plain calls" in run.stdout
-    # floor, corral and ProcessPoolExecutor: 6 figures each, and corral's 6 extras.
-    assert re.search(r"done .* 24/24 figures", run.stderr), run.stderr
 
 
 @pytest.mark.timeout(240)

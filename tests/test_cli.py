@@ -16,7 +16,6 @@ from tests._serve import serve_in_thread, status_demo_app
 
 import corral
 from corral import _install
-from corral._bench import find_checkout
 from corral._install import install_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,33 +114,29 @@ def test_corral_top_takes_a_target_or_a_url_not_both() -> None:
     assert "not both" in run.stderr
 
 
-def test_corral_bench_finds_the_harness_of_a_source_checkout(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
-    assert find_checkout([tmp_path, root]) == root
-    assert find_checkout([tmp_path, tmp_path.parent]) is None
-
-
-def test_corral_bench_outside_a_checkout_says_where_to_run_it(tmp_path: Path) -> None:
-    # A copy of the CLI that sees neither this checkout nor one above the cwd.
+def test_corral_bench_measures_the_installed_package_anywhere(tmp_path: Path) -> None:
+    """``corral bench`` needs no source checkout: it runs from any directory."""
     run = subprocess.run(
-        [sys.executable, "-c", SEES_NO_CHECKOUT, "bench", "--quick"],
-        cwd=tmp_path,
+        [sys.executable, "-m", "corral._cli", "bench", "--quick"],
+        cwd=tmp_path,  # no benchmarks/ folder here or above
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=240,
     )
-    assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith("corral bench runs the benchmark harness of a corral source")
-    assert "pip install -e '.[bench]'" in run.stderr
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("floor ") for line in lines), run.stdout
+    assert any(line.startswith("corral ") for line in lines), run.stdout
+    ratios = [line for line in lines if line.startswith("corral/floor")]
+    assert ratios and ratios[0].count("x") == 4, run.stdout  # four ratios to the floor
 
 
-SEES_NO_CHECKOUT = """
-import sys
-import corral._bench as bench
-bench._candidates = lambda: []
-from corral._cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+def test_the_installed_package_never_reaches_into_the_repository_benchmarks() -> None:
+    package = Path(corral.__file__).parent
+    for path in package.rglob("*.py"):
+        source = path.read_text()
+        assert "import benchmarks" not in source and "from benchmarks" not in source, path
+        assert '"benchmarks"' not in source, path
 
 
 def test_without_rich_the_library_works_and_top_says_what_to_install() -> None:
@@ -237,7 +232,20 @@ def test_corral_bench_help_works_without_rich() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert run.returncode == 0, run.stderr
-    assert "--quick" in run.stdout and "--placed" in run.stdout
+    assert "--quick" in run.stdout and "--calls" in run.stdout
+
+
+def test_corral_bench_without_rich_says_what_to_install(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['rich'] = None\n"
+        "from corral._cli import main\n"
+        "sys.exit(main(['bench', '--quick']))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert run.returncode == 2, run.stderr
+    assert "rich" in run.stderr and "pip install -e '.[cli]'" in run.stderr
 
 
 def test_corral_bench_measures_placed_workers_only_when_asked() -> None:

@@ -430,7 +430,7 @@ async def test_tool_reads_check_their_timeouts_before_reaching_the_program() -> 
 def test_launcher_durations_are_checked_like_a_timeout(
     name: str, value: Any, error: type[Exception]
 ) -> None:
-    from corral._socket_launcher import SubprocessShimLauncher
+    from corral._launch._socket_launcher import SubprocessShimLauncher
 
     with pytest.raises(error, match=f"{name} must be"):
         SubprocessShimLauncher(**{name: value})

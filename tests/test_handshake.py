@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corral._framing import FrameEncoder
-from corral._handshake import (
+from corral._launch._handshake import (
     CLIENT_HELLO_SIZE,
     MAGIC,
     HandshakeError,
@@ -26,8 +26,8 @@ from corral._handshake import (
     Ticket,
     client_handshake,
 )
+from corral._launch._socket_launcher import Listener
 from corral._messages import Call
-from corral._socket_launcher import Listener
 
 GREETING_SIZE = len(MAGIC) + 32
 

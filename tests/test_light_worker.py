@@ -13,7 +13,7 @@ import pytest
 from corral import Pool
 
 # Never imported by an idle worker; a name covers its submodules.
-HEAVY = ("rich", "structlog", "corral._pool", "corral._handle", "corral._launcher", "shutil")
+HEAVY = ("rich", "structlog", "corral._pool", "corral._handle", "corral._launch", "shutil")
 
 
 def _heavy(modules: list[str], names: tuple[str, ...]) -> list[str]:

@@ -21,7 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from corral import Pool
-from corral._socket_launcher import SubprocessShimLauncher
+from corral._launch._socket_launcher import SubprocessShimLauncher
 
 TARGET = "tests.workers.basic:app"
 

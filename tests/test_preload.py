@@ -231,7 +231,7 @@ async def test_worker_rlimits_apply_to_forked_workers(import_log) -> None:
 
 async def test_without_fork_the_pool_spawns_plainly(monkeypatch, import_log) -> None:
     # fork() exists on every Linux; the fallback is what a platform without it gets.
-    monkeypatch.setattr(corral._launcher, "FORK_AVAILABLE", False)
+    monkeypatch.setattr(corral._launch._local, "FORK_AVAILABLE", False)
     async with _pool(import_log, size=1, env={"CORRAL_TEST_IMPORT_SECONDS": "0"}) as pool:
         assert await pool.call("imported_by") == await pool.call("pid")
 

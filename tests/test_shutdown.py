@@ -105,3 +105,53 @@ async def test_sync_on_shutdown_hooks_run_where_sync_code_runs_on_the_lane(tmp_p
         worker = pool.workers[0]
     assert marker.read_text() == "bye"
     assert worker.exit_code == 0
+
+
+async def test_a_launch_cut_off_by_close_is_awaited_to_its_end(monkeypatch) -> None:
+    """A replacement being launched when aclose() runs: its process is reaped, not left."""
+    import gc
+    import os
+    import signal
+    import warnings
+
+    import psutil
+
+    import corral._launch._local as local
+
+    real_open = local.open_pipe_connection
+    stalled = asyncio.Event()
+    opened = 0
+
+    async def open_then_stall(read_fd, write_fd, *args, control_fd=None):  # type: ignore[no-untyped-def]
+        nonlocal opened
+        opened += 1
+        if opened == 1:  # the first worker starts as usual
+            return await real_open(read_fd, write_fd, *args, control_fd=control_fd)
+        stalled.set()  # the replacement's shepherd runs; its launch waits here
+        try:
+            await asyncio.Event().wait()
+        finally:  # owns the descriptors, as the real one does
+            for fd in (read_fd, write_fd, control_fd):
+                os.close(fd)
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(local, "open_pipe_connection", open_then_stall)
+    pool = Pool(TARGET, size=1, restart_backoff=0.01)
+    await pool.start()
+    first = pool.workers[0]
+    assert first.pid is not None
+    before = {c.pid for c in psutil.Process().children()}
+    os.kill(first.pid, signal.SIGKILL)
+    await asyncio.wait_for(stalled.wait(), 10)
+    replacement = {c.pid for c in psutil.Process().children()} - before
+    assert replacement, "the replacement's shepherd is running"
+    (starting,) = [w for w in pool.workers if w is not first]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await pool.aclose()
+        exit_code = starting.exit_code  # reported before aclose() returned
+        gc.collect()
+    assert exit_code is not None
+    for pid in replacement:  # reaped before aclose() returned: not even a zombie
+        assert not psutil.pid_exists(pid), pid
+    assert not [w for w in caught if "still running" in str(w.message)], caught

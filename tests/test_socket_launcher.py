@@ -24,9 +24,9 @@ import pytest
 
 import corral
 from corral import Pool
-from corral._launcher import WorkerSpec
-from corral._shim import ShimOrder
-from corral._socket_launcher import Placement, SubprocessShimLauncher, _SubprocessPlacement
+from corral._launch import WorkerSpec
+from corral._launch._shim import ShimOrder
+from corral._launch._socket_launcher import Placement, SubprocessShimLauncher, _SubprocessPlacement
 
 TARGET = "tests.workers.basic:app"
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,7 +195,7 @@ PARENT = textwrap.dedent(
     """
     import asyncio, json, sys
     from corral import Pool
-    from corral._socket_launcher import SubprocessShimLauncher
+    from corral._launch._socket_launcher import SubprocessShimLauncher
 
     async def main():
         launcher = SubprocessShimLauncher()
@@ -247,7 +247,7 @@ FORKER = textwrap.dedent(
     """
     import asyncio, json, os, sys, time
     import corral
-    from corral._socket_launcher import SubprocessShimLauncher
+    from corral._launch._socket_launcher import SubprocessShimLauncher
 
     async def main():
         pool = corral.Pool(

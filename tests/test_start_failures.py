@@ -17,12 +17,12 @@ import pytest
 import corral
 from corral import Pool
 from corral._errors import counts_against_restart_budget
-from corral._launcher import LaunchedWorker, LocalLauncher, WorkerEvents, WorkerSpec
+from corral._launch import LaunchedWorker, LocalLauncher, NothingHeld, WorkerEvents, WorkerSpec
 
 TARGET = "tests.workers.basic:app"
 
 
-class _FailingStarts:
+class _FailingStarts(NothingHeld):
     """Lets the first start through, fails the next ``failures`` with ``error``, then serves."""
 
     def __init__(self, failures: int, error: type[corral.WorkerStartError]) -> None:

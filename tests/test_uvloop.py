@@ -51,7 +51,7 @@ def test_preloaded_workers_work_on_uvloop(tmp_path) -> None:
 
 
 def test_workers_over_tcp_work_on_uvloop() -> None:
-    from corral._socket_launcher import SubprocessShimLauncher
+    from corral._launch._socket_launcher import SubprocessShimLauncher
 
     async def main() -> None:
         launcher = SubprocessShimLauncher()

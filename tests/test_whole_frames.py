@@ -20,9 +20,9 @@ from tests.workers.large import pattern
 import corral
 from corral import Pool
 from corral._framing import FrameDecoder, FrameEncoder
+from corral._launch._socket_launcher import SubprocessShimLauncher
 from corral._messages import Call, ParentBound, Result, WorkerBound
 from corral._shm import SHM_DIR, LargeBuffers, new_pool_prefix
-from corral._socket_launcher import SubprocessShimLauncher
 
 TARGET = "tests.workers.large:app"
 KIB = 1024

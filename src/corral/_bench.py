@@ -1,113 +1,217 @@
-"""``corral bench``: the benchmark table of a corral source checkout, with a progress bar.
+"""``corral bench``: what one call costs on this machine, against a hand-written floor.
 
-Owns: finding the harness (``benchmarks/run.py`` at the root of a source
-checkout) and drawing its progress. Must not touch: the measurements; the
-harness owns them and is the same code ``python -m benchmarks.run`` runs.
+Owns: the installed package's own benchmark. corral and a floor (a minimal
+asyncio client with a blocking worker loop over two pipes, ``_bench_floor``)
+each run in a child process of their own, in turns, pinned to one CPU with
+their workers; each makes sequential no-op calls on one worker, read from the
+processes' own CPU counters (steady on a busy machine, unlike wall time), then
+64 callers in flight over two workers measure throughput. The table on stdout
+gives each figure and corral's ratio to the floor.
 
-The harness is not part of the installed package (decision 0016): it compares
-corral with other libraries and with a hand-written floor, for the figures in
-docs/performance.md, which is a job for a checkout of the source. Imported by
-the command line alone; rich is loaded only to draw the bar (``--help`` works
-without it).
+Must not touch: the repository's ``benchmarks/`` folder (the comparison with
+other libraries behind docs/performance.md, run by ``nox -s bench``): nothing
+here imports it or looks for it. The progress bar needs rich (the ``cli``
+extra); the measuring children import only corral.
 """
 
 from __future__ import annotations
 
-import importlib
+import argparse
+import asyncio
+import json
+import os
+import subprocess
 import sys
-from collections.abc import Iterable
-from pathlib import Path
-from types import ModuleType
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-import corral
+__all__ = ["build_parser", "measure", "run_bench"]
 
-from ._install import install_command
-
-__all__ = ["NOT_A_CHECKOUT", "find_checkout", "run_bench"]
-
-NOT_A_CHECKOUT = (
-    "corral bench runs the benchmark harness of a corral source checkout "
-    "(benchmarks/run.py at its root), and none was found next to the installed "
-    "package or in {cwd} and its parents. Run it from a clone of the repository, "
-    "with `pip install -e '.[bench]'` (the extra brings the libraries compared)."
-)
+_TICK = os.sysconf("SC_CLK_TCK")
+_IN_FLIGHT = 64
+SYSTEMS = ("floor", "corral")
+Call = Callable[..., Awaitable[Any]]
 
 
-def _candidates() -> list[Path]:
-    package_root = Path(corral.__file__).resolve().parents[2]  # src/corral/__init__.py
-    cwd = Path.cwd()
-    return [package_root, cwd, *cwd.parents]
+def _cpu_of(pid: int) -> float:
+    """User + system CPU seconds of another process, from /proc."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def find_checkout(candidates: Iterable[Path]) -> Path | None:
-    """The first directory holding ``benchmarks/run.py``, or None."""
-    for root in candidates:
-        if (root / "benchmarks" / "run.py").is_file():
-            return root
-    return None
+async def _sequential(call: Call, worker_pid: int, n: int) -> dict[str, float]:
+    for _ in range(min(500, n)):  # warm up
+        await call("noop")
+    parent0, worker0, wall0 = time.process_time(), _cpu_of(worker_pid), time.perf_counter()
+    for _ in range(n):
+        await call("noop")
+    wall = time.perf_counter() - wall0
+    return {
+        "parent_us": (time.process_time() - parent0) / n * 1e6,
+        "worker_us": (_cpu_of(worker_pid) - worker0) / n * 1e6,
+        "wall_us": wall / n * 1e6,
+    }
 
 
-def _load_harness(root: Path) -> ModuleType:
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))  # workers inherit sys.path: benchmarks.corral_app imports
-    return importlib.import_module("benchmarks.run")
+async def _throughput(call: Call, n: int) -> float:
+    left = n
+
+    async def caller() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await call("noop")
+
+    await asyncio.gather(*(call("noop") for _ in range(_IN_FLIGHT)))
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(_IN_FLIGHT)))
+    return n / (time.perf_counter() - started)
 
 
-class _Bar:
-    """The harness's progress, as one rich bar over the figures, on stderr."""
+async def _floor(n: int) -> dict[str, float]:
+    from ._bench_floor import FloorWorker
 
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
+    one = FloorWorker()
+    await one.start()
+    try:
+        figures = await _sequential(one.call, one.proc.pid, n)
+    finally:
+        await one.close()
+    two = [FloorWorker(), FloorWorker()]
+    await asyncio.gather(*(w.start() for w in two))
+
+    def least_busy(method: str, *args: Any) -> Awaitable[Any]:
+        return min(two, key=lambda w: len(w.pending)).call(method, *args)
+
+    try:
+        figures["calls_per_s"] = await _throughput(least_busy, n)
+    finally:
+        await asyncio.gather(*(w.close() for w in two))
+    return figures
+
+
+async def _corral(n: int) -> dict[str, float]:
+    from ._pool import Pool
+
+    async with Pool("corral._bench_app:app", size=1) as one:
+        pid = one.workers[0].pid
+        assert pid is not None
+        figures = await _sequential(one.call, pid, n)
+    async with Pool("corral._bench_app:app", size=2) as two:
+        figures["calls_per_s"] = await _throughput(two.call, n)
+    return figures
+
+
+def measure(system: str, calls: int) -> dict[str, float]:
+    """One system's figures, measured in this process (``corral bench`` runs it in a child)."""
+    import logging
+
+    import structlog
+
+    # The pool's info logs would land on stdout, where the figures go.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    return asyncio.run(_floor(calls) if system == "floor" else _corral(calls))
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="What one call costs here: corral against a hand-written pipe floor, "
+        "by the processes' CPU counters, pinned to one CPU.",
+    )
+    parser.add_argument("--calls", type=int, default=20_000, help="calls per figure")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per system (best is kept)")
+    parser.add_argument("--quick", action="store_true", help="2,000 calls, one round")
+    parser.add_argument(
+        "--cpu", type=int, default=None, help="the CPU to pin to (default: the first allowed)"
+    )
+    parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _run_child(system: str, calls: int, cpu: int) -> dict[str, float]:
+    command = [sys.executable, "-m", "corral._bench", "--child", system, "--calls", str(calls)]
+    run = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"measuring {system} failed:\n{run.stderr[-2000:]}")
+    figures: dict[str, float] = json.loads(run.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def _table(results: dict[str, dict[str, float]]) -> str:
+    heads = ("parent CPU/call", "worker CPU/call", "wall/call", f"{_IN_FLIGHT} in flight")
+    lines = [f"{'':10} {heads[0]:>16} {heads[1]:>16} {heads[2]:>11} {heads[3]:>14}"]
+    for system, r in results.items():
+        lines.append(
+            f"{system:10} {r['parent_us']:13.1f} us {r['worker_us']:13.1f} us "
+            f"{r['wall_us']:8.1f} us {r['calls_per_s']:11.0f} /s"
         )
-
-        self.progress = Progress(
-            TextColumn("{task.description:<48}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("figures"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            redirect_stdout=False,  # the table goes to stdout, after the bar is done
-        )
-        self.task = self.progress.add_task("starting", total=None)
-
-    def planned(self, figures: int) -> None:
-        self.progress.update(self.task, total=figures)
-        self.progress.start()
-
-    def measured(self, system: str, figure: str) -> None:
-        self.progress.update(self.task, advance=1, description=f"{system}: {figure}")
-        task = self.progress.tasks[0]
-        if task.total is not None and task.completed >= task.total:
-            self.progress.update(self.task, description="done")
-            self.progress.stop()
+    floor, corral = results["floor"], results["corral"]
+    lines.append(
+        f"{'corral/floor':10} {corral['parent_us'] / floor['parent_us']:15.2f}x "
+        f"{corral['worker_us'] / floor['worker_us']:15.2f}x "
+        f"{corral['wall_us'] / floor['wall_us']:10.2f}x "
+        f"{corral['calls_per_s'] / floor['calls_per_s']:13.2f}x"
+    )
+    return "\n".join(lines)
 
 
 def run_bench(argv: list[str]) -> int:
-    """``corral bench [--quick] [--systems ...] [--uvloop]``: the table on stdout."""
-    root = find_checkout(_candidates())
-    if root is None:
-        sys.stderr.write(NOT_A_CHECKOUT.format(cwd=Path.cwd()) + "\n")
-        return 2
-    harness = _load_harness(root)
-    args = harness.build_parser(prog="corral bench").parse_args(argv)  # --help needs no rich
+    """``corral bench [--quick] [--calls N] [--rounds R] [--cpu C]``: the table on stdout."""
+    args = build_parser(prog="corral bench").parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args.calls)))
+        return 0
+    calls, rounds = (2_000, 1) if args.quick else (args.calls, args.rounds)
+    cpu = args.cpu if args.cpu is not None else min(os.sched_getaffinity(0))
     try:
         import rich  # noqa: F401 - the progress bar; checked before anything is measured
     except ImportError:
+        from ._install import install_command
+
         sys.stderr.write(
-            f"corral bench draws its progress with rich, which is not installed: "
+            "corral bench draws its progress with rich, which is not installed: "
             f"{install_command('cli')}\n"
         )
         return 2
-    bar = _Bar()
-    try:
-        harness.run(args, bar)
-    finally:
-        bar.progress.stop()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    runs: dict[str, list[dict[str, float]]] = {system: [] for system in SYSTEMS}
+    progress = Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=Console(stderr=True),
+        redirect_stdout=False,
+    )
+    with progress:
+        task = progress.add_task("measuring", total=rounds * len(SYSTEMS))
+        for _ in range(rounds):
+            for system in SYSTEMS:
+                progress.update(task, description=f"{system}: {calls} calls")
+                runs[system].append(_run_child(system, calls, cpu))
+                progress.advance(task)
+    results = {
+        system: {
+            key: (max if key == "calls_per_s" else min)(r[key] for r in figures)
+            for key in figures[0]
+        }
+        for system, figures in runs.items()
+    }
+    print(f"corral bench: {calls} sequential no-op calls on one worker, then {_IN_FLIGHT} callers")
+    print(f"over two workers; pinned to CPU {cpu}; best of {rounds} round(s) per system.")
+    print(_table(results))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_bench(sys.argv[1:]))

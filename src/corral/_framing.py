@@ -222,36 +222,48 @@ class FrameDecoder(Generic[T]):
         return len(self._buffer)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[T]:
-        """Add received bytes; return the messages completed by them, in order."""
+        """Add received bytes; return the messages completed by them, in order.
+
+        One pass over the read: each whole frame is decoded straight from the
+        received bytes (no copy when nothing was left over from the last read);
+        only an incomplete tail is kept for the next read.
+        """
         if self._failed is not None:
             raise self._failed
         buffer = self._buffer
-        buffer += data
+        if buffer:
+            buffer += data
+            source: bytes | bytearray | memoryview = buffer
+        else:
+            source = data
         messages: list[T] = []
         offset = 0
-        available = len(buffer)
+        available = len(source)
+        decode = self._decode
+        max_size = self.max_size
+        view = memoryview(source)
         try:
             while available - offset >= HEADER_SIZE:
-                size = int.from_bytes(buffer[offset : offset + HEADER_SIZE], "big")
+                size = int.from_bytes(view[offset : offset + HEADER_SIZE], "big")
                 if size == 0:
                     raise ProtocolError("empty frame (length 0)")
-                if size > self.max_size:
+                if size > max_size:
                     raise ProtocolError(
-                        f"frame of {size} bytes announced, over the limit of {self.max_size} bytes"
+                        f"frame of {size} bytes announced, over the limit of {max_size} bytes"
                     )
                 end = offset + HEADER_SIZE + size
                 if end > available:
                     break
-                self._budget = self.max_size - size
-                with memoryview(buffer) as view:
-                    try:
-                        messages.append(self._decode(view[offset + HEADER_SIZE : end]))
-                    except ProtocolError:
-                        raise
-                    except _DECODE_FAILURES as exc:
-                        raise ProtocolError(f"malformed message: {exc}") from exc
+                self._budget = max_size - size
+                try:
+                    messages.append(decode(view[offset + HEADER_SIZE : end]))
+                except ProtocolError:
+                    raise
+                except _DECODE_FAILURES as exc:
+                    raise ProtocolError(f"malformed message: {exc}") from exc
                 offset = end
         except ProtocolError as exc:
+            view.release()
             self._failed = exc
             buffer.clear()
             if messages and isinstance(exc, LostSegment):
@@ -259,6 +271,13 @@ class FrameDecoder(Generic[T]):
                 # deliver them; ``failed`` and the next feed report the loss.
                 return messages
             raise
-        if offset:
-            del buffer[:offset]
+        if source is buffer:
+            view.release()
+            if offset:
+                del buffer[:offset]
+        elif offset < available:
+            buffer += view[offset:]  # an incomplete frame: kept for the next read
+            view.release()
+        else:
+            view.release()
         return messages

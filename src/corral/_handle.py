@@ -1,10 +1,14 @@
 """The pool's handle on one worker process.
 
 Owns: one worker's lifecycle as the parent sees it: start and handshake, the
-calls in flight keyed by correlation id, their deadlines and cancellation, the
-stderr tail, heartbeats, and turning the worker's death into one typed error per
-pending call. Must not touch: placement, waiting callers or other workers (the
-pool does that); it reports capacity changes and its exit through callbacks.
+calls in flight keyed by correlation id (one ``PendingCall`` and one future
+each), their deadlines and cancellation, the stderr tail, heartbeats, and
+turning the worker's death into one typed error per pending call. Must not
+touch: placement, waiting callers or other workers (the dispatcher), nor the
+policies that retire a worker (the supervisor); it reports capacity changes and
+its exit through callbacks. ``sessions`` and ``claimed`` are the sessions
+index's and the dispatcher's marks on this worker, read by the router; the
+handle never writes them.
 
 Exactly-once: a pending call is settled once, by its first terminal frame, by
 its CancelAck, or by the worker's death. A frame for an id that was never issued
@@ -37,7 +41,7 @@ from ._errors import (
     WorkerStartError,
     describe_exit,
 )
-from ._launcher import LaunchedWorker, Launcher, WorkerSpec
+from ._launch import LaunchedWorker, Launcher, WorkerSpec
 from ._log import get_logger
 from ._messages import (
     PROTOCOL_VERSION,
@@ -112,13 +116,13 @@ class PendingCall:
         call_id: int,
         method: str,
         session: str | None,
-        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
         stream_window: int,
     ) -> None:
         self.id = call_id
         self.method = method
         self.session = session
-        self.future: asyncio.Future[Any] = loop.create_future()
+        self.future = future
         self.cancelling = False
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.grace_timer: asyncio.TimerHandle | None = None
@@ -131,9 +135,10 @@ class PendingCall:
     def push(self, item: Any) -> None:
         assert self._items is not None
         self._items.append(item)
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Wake a stream consumer waiting in ``next_item``."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -148,7 +153,7 @@ class PendingCall:
             self.future.exception()
         else:
             self.future.set_result(outcome)
-        self._wake()
+        self.wake()
 
     async def next_item(self) -> Any:
         """Next stream item; ``_END`` when the stream is over; raises its error."""
@@ -160,10 +165,10 @@ class PendingCall:
                 if outcome is _END:
                     return _END
                 # a plain handler called through stream(): its one result
-                self.future = asyncio.get_running_loop().create_future()
+                self.future = self.future.get_loop().create_future()
                 self.future.set_result(_END)
                 return outcome
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.future.get_loop().create_future()
             try:
                 await self._waiter
             finally:
@@ -187,6 +192,7 @@ class WorkerHandle:
         pool_name: str,
         on_output: Callable[[WorkerHandle], None] | None = None,
         rlimits: Mapping[str, int] | None = None,
+        memory_limit: int | None = None,
     ) -> None:
         self.spec = spec
         self.id = spec.worker_id
@@ -207,15 +213,12 @@ class WorkerHandle:
         self.node_id: str | None = None
         self.node_address: str | None = None
         self._lost_reason: str | None = None  # lost without an exit status
-        self.sessions: set[str] = set()
-        self.sessions_reported_lost: set[str] = set()  # told to an in-flight call
+        self.sessions: set[str] = set()  # written by Sessions alone
+        self.sessions_reported_lost: set[str] = set()  # this handle told a caller so
         self.leased = False
-        self.claimed = False  # draining for a waiting checkout (set by the pool)
-        self.recycle_after: int | None = None  # calls served before it is recycled
+        self.claimed = False  # drained for a waiting checkout (the dispatcher's mark)
         self.recycle_reason: str | None = None  # set once it is draining to be recycled
-        self.recycle_pending: str | None = None  # due, but waiting for its sessions to end
-        self.memory_limit: int | None = None
-        self.memory_exempt = False  # over the limit when fresh: a configuration error
+        self.memory_limit = memory_limit  # to tell an OOM kill in the exit message
         self.rss: int | None = None  # last sample of the worker's resident memory
         self.reserved = 0
         self.unacked_cancels = 0
@@ -228,6 +231,8 @@ class WorkerHandle:
         self._pending: dict[int, PendingCall] = {}
         self._next_id = 1
         self._launched: LaunchedWorker | None = None
+        self._send: Callable[[Any], int] | None = None  # while calls may be sent
+        self._finalizing: asyncio.Task[None] | None = None
         self._hello: asyncio.Future[Hello] = self._loop.create_future()
         self._exited = asyncio.Event()
         self._stderr_done = asyncio.Event()
@@ -286,8 +291,8 @@ class WorkerHandle:
             self._mark_dead_without_process()
             raise
         self._log = self._log.bind(shepherd_pid=self._launched.pid)
-        self.node_id = getattr(self._launched, "node_id", None)
-        self.node_address = getattr(self._launched, "node_address", None)
+        self.node_id = self._launched.node_id
+        self.node_address = self._launched.node_address
         if self.node_id is not None:
             self._log = self._log.bind(node_id=self.node_id, node_address=self.node_address)
         self._log.info("worker.started", target=self.spec.target)
@@ -318,7 +323,7 @@ class WorkerHandle:
             self.pid = hello.pid
             self.handlers = tuple(hello.handlers)
             if self._rlimits:
-                if not getattr(self._launched, "same_host", True):
+                if not self._launched.same_host:
                     self.kill("worker_rlimits need workers on this host")
                     raise WorkerStartError(
                         "worker_rlimits apply only to workers on the pool's host; this "
@@ -331,6 +336,7 @@ class WorkerHandle:
             self.idle_since = self.ready_at
             self.last_pong = self.ready_at
             self._set_state(WorkerState.READY)
+            self._send = self._launched.connection.send
             self._log = self._log.bind(pid=self.pid)
             self._log.info(
                 "worker.ready", startup_seconds=round(self.ready_at - self.started_at, 4)
@@ -429,7 +435,8 @@ class WorkerHandle:
         """
         if reserved:
             self.reserved -= 1
-        if self._launched is None or not self.state.live or self.kill_reason is not None:
+        send = self._send
+        if send is None or self.kill_reason is not None:
             self._refresh_busy()
             self._on_capacity(self)
             if session is not None:
@@ -443,19 +450,16 @@ class WorkerHandle:
                 exit_code=self.exit_code,
             )
         call_id = self._next_id
-        self._next_id = call_id + 1
-        timeout = None
-        if deadline is not None:
-            timeout = deadline - self._loop.time()
+        loop = self._loop
         try:
-            self._launched.connection.send(
+            send(
                 Call(
                     call_id,
                     method,
                     args,
                     kwargs,
                     session,
-                    timeout,
+                    None if deadline is None else deadline - loop.time(),
                     stream_window > 0,
                     stream_window,
                     trace,
@@ -473,10 +477,11 @@ class WorkerHandle:
                 method=method,
                 session=session,
             ) from exc.__cause__
-        pending = PendingCall(call_id, method, session, self._loop, stream_window)
+        self._next_id = call_id + 1
+        pending = PendingCall(call_id, method, session, loop.create_future(), stream_window)
         self._pending[call_id] = pending  # the reserved slot becomes this call: still busy
         if deadline is not None:
-            pending.deadline_timer = self._loop.call_at(deadline, self._deadline_passed, pending)
+            pending.deadline_timer = loop.call_at(deadline, self._deadline_passed, pending)
         return pending
 
     def _deadline_passed(self, pending: PendingCall) -> None:
@@ -507,7 +512,7 @@ class WorkerHandle:
                 pending.finish(error)
             else:
                 pending.future.cancel()
-                pending._wake()
+                pending.wake()
         self.unacked_cancels += 1
         assert self._launched is not None
         self._launched.connection.send_control(Cancel(pending.id))
@@ -544,7 +549,7 @@ class WorkerHandle:
         self._on_capacity(self)
 
     def end_session(self, session: str) -> None:
-        self.sessions.discard(session)
+        """Tell the worker to drop a session's state (``Sessions.end`` calls this)."""
         if self._launched is not None and self.state.live and self.kill_reason is None:
             self._launched.connection.send(EndSession(session))
 
@@ -565,6 +570,32 @@ class WorkerHandle:
     # --- WorkerEvents -----------------------------------------------------------
 
     def frame_received(self, message: Any) -> None:
+        if type(message) is Result:  # the common case first, in as few steps as it takes
+            pending = self._pending.get(message.id)
+            if pending is not None and not pending.cancelling:
+                future = pending.future
+                timer = pending.deadline_timer
+                if timer is not None:
+                    timer.cancel()
+                    if self._loop.time() >= timer.when():
+                        # Read once the deadline had passed, before its timer ran: a
+                        # timeout, whichever of the loop's callbacks happens to run first.
+                        pending.finish(
+                            CallTimeout(
+                                f"call {pending.method!r} ran past its deadline",
+                                **self._error_context(pending),
+                            )
+                        )
+                if not future.done():
+                    future.set_result(message.value)
+                    if pending.stream_window:
+                        pending.wake()
+                del self._pending[message.id]
+                self.calls_served += 1
+                if not (self.reserved or self._pending or self.leased):
+                    self._refresh_busy()
+                self._on_capacity(self)
+                return
         call_id = getattr(message, "id", None)
         if call_id is not None:
             pending = self._pending.get(call_id)
@@ -574,21 +605,8 @@ class WorkerHandle:
                 self._violation(f"reply for unknown or settled call id {call_id}")
                 return
             if isinstance(message, Result):
-                if not pending.cancelling:
-                    timer = pending.deadline_timer
-                    if timer is not None and self._loop.time() >= timer.when():
-                        # Read once the deadline had passed, before its timer ran: a
-                        # timeout, whichever of the loop's callbacks happens to run first.
-                        pending.finish(
-                            CallTimeout(
-                                f"call {pending.method!r} ran past its deadline",
-                                **self._error_context(pending),
-                            )
-                        )
-                    else:
-                        pending.finish(message.value)
-                    self._settle(pending)
-            elif isinstance(message, Chunk):
+                return  # a cancelled call's late result: its CancelAck settles it
+            if isinstance(message, Chunk):
                 if not pending.cancelling:
                     if not pending.stream_window:
                         self._violation(f"stream chunk for plain call {call_id}")
@@ -687,14 +705,16 @@ class WorkerHandle:
 
     def process_exited(self, returncode: int) -> None:
         self.exit_code = returncode
-        self._loop.create_task(self._finalize_exit())
+        self._send = None
+        self._finalizing = self._loop.create_task(self._finalize_exit())
 
     def process_lost(self, reason: str) -> None:
         """A remote worker can no longer be reached: no exit status will ever come."""
         self._lost_reason = reason
         if self.kill_reason is None and not self.closing:
             self.kill_reason = reason
-        self._loop.create_task(self._finalize_exit())
+        self._send = None
+        self._finalizing = self._loop.create_task(self._finalize_exit())
 
     async def _wait_stderr_tail(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -777,6 +797,7 @@ class WorkerHandle:
         if self.kill_reason is None and not self.closing:
             self.kill_reason = reason
             self._log.warning("worker.evicted", reason=reason)
+        self._send = None
         if self.state.live and self.state is not WorkerState.STOPPING:
             self._set_state(WorkerState.STOPPING)
         if self._launched is not None and not self._exited.is_set():
@@ -784,15 +805,14 @@ class WorkerHandle:
         self._on_capacity(self)
 
     def drain(self, reason: str) -> None:
-        """Take no new calls; the pool stops the worker once its calls are done."""
+        """Take no new calls; the supervisor stops the worker once its calls are done."""
         self.recycle_reason = reason
-        self.recycle_pending = None
         self._set_state(WorkerState.DRAINING)
         self._log.info("worker.recycling", reason=reason, calls_served=self.calls_served)
 
     def sample_rss(self) -> int | None:
         """Read the worker's resident memory from /proc (Linux); None if unknown."""
-        if self.pid is None or not getattr(self._launched, "same_host", True):
+        if self.pid is None or self._launched is None or not self._launched.same_host:
             return None  # a worker on another host: its pid means nothing here
         rss = rss_of(self.pid)
         if rss is not None:
@@ -800,9 +820,8 @@ class WorkerHandle:
         return rss
 
     def forget_after_fork(self) -> None:
-        forget = getattr(self._launched, "forget_after_fork", None)
-        if forget is not None:
-            forget()
+        if self._launched is not None:
+            self._launched.forget_after_fork()
 
     def abandon(self) -> None:
         """Last resort when the pool is garbage: kill the group, await nothing."""
@@ -822,7 +841,11 @@ class WorkerHandle:
     async def shutdown(self, grace: float, kill_grace: float) -> None:
         """Stop gracefully, escalating: Shutdown frame, SIGTERM, SIGKILL. Bounded."""
         self.closing = True
-        if self._launched is None or self._exited.is_set():
+        if self._launched is None:
+            if self._finalizing is not None:  # a launch cut off midway: its exit is known
+                await self._finalizing
+            return
+        if self._exited.is_set():
             return
         if self.state.live and self.state is not WorkerState.STOPPING:
             self._set_state(WorkerState.STOPPING)
@@ -838,10 +861,8 @@ class WorkerHandle:
         launched.kill()
         if await self.wait_exited(2.0):
             return
-        force = getattr(launched, "force_kill", None)
-        if force is not None:
-            self._log.error("worker.shepherd_unresponsive")
-            force()
+        self._log.error("worker.shepherd_unresponsive")
+        launched.force_kill()
         await self.wait_exited(2.0)
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ from ._errors import describe_exit
 from ._stats import PoolStats
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from ._handle import WorkerHandle
 
@@ -227,7 +227,9 @@ class PoolStatus:
         }
 
 
-def _worker_info(worker: WorkerHandle, now: float, wall: float, rss: bool) -> WorkerInfo:
+def _worker_info(
+    worker: WorkerHandle, now: float, wall: float, rss: bool, recycle_pending: str | None
+) -> WorkerInfo:
     uptime = max(0.0, now - worker.started_at)
     return WorkerInfo(
         id=worker.id,
@@ -240,7 +242,7 @@ def _worker_info(worker: WorkerHandle, now: float, wall: float, rss: bool) -> Wo
         sessions=len(worker.sessions),
         leased=worker.leased,
         rss=worker.sample_rss() if rss else None,  # None for a worker on another host
-        note=worker.kill_reason or worker.recycle_reason or worker.recycle_pending,
+        note=worker.kill_reason or worker.recycle_reason or recycle_pending,
         node_id=worker.node_id,
         node_address=worker.node_address,
     )
@@ -276,10 +278,14 @@ def build_status(
     evictions: EvictionLog,
     stats: PoolStats,
     rss: bool,
+    recycle_pending: Callable[[WorkerHandle], str | None] = lambda _worker: None,
 ) -> PoolStatus:
-    """Assemble a ``PoolStatus`` from the pool's parts (called by ``Pool.status``)."""
+    """Assemble a ``PoolStatus`` from the pool's parts (called by ``Pool.status``).
+
+    ``recycle_pending`` tells why a worker waits to be recycled (the supervisor's).
+    """
     now, wall = time.monotonic(), time.time()
-    infos = tuple(_worker_info(w, now, wall, rss) for w in workers)
+    infos = tuple(_worker_info(w, now, wall, rss, recycle_pending(w)) for w in workers)
     return PoolStatus(
         name=name,
         target=target,

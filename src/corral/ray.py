@@ -18,7 +18,7 @@ launcher asks Ray whether its node died), never the worker's failure; an
 actor that dies later is a backstop for noticing a lost worker. Must not touch: the calls
 (they go over corral's own sockets, straight from the pool to the worker, never
 through Ray's RPC), supervision (corral restarts workers: every actor has
-``max_restarts=0``), or the shim's work (``_shim``). See docs/scale-out.md.
+``max_restarts=0``), or the shim's work (``_launch._shim``). See docs/scale-out.md.
 
 Needs the optional extra: ``pip install 'corral[ray]'``, and corral (with the
 worker's code) importable on every node that may host a worker.
@@ -35,10 +35,10 @@ from typing import Any
 import msgspec
 
 from ._errors import PlacementError, WorkerStartError
-from ._launcher import WorkerSpec
+from ._launch import WorkerSpec
+from ._launch._shim import ShimOrder
+from ._launch._socket_launcher import Listener, Placement, ShimLauncher
 from ._log import get_logger
-from ._shim import ShimOrder
-from ._socket_launcher import Listener, Placement, ShimLauncher
 
 __all__ = ["RayLauncher"]
 
@@ -68,7 +68,7 @@ class _ShimActor:
 
     def run(self, order: bytes, key: bytes) -> int:
         """Connect back to the pool, start the worker, supervise it; its exit status."""
-        from corral._shim import run_shim
+        from corral._launch._shim import run_shim
 
         return run_shim(
             msgspec.msgpack.decode(order, type=ShimOrder),

@@ -235,7 +235,7 @@ async def test_a_flood_rendered_line_by_line_is_harmless() -> None:
 
 def test_the_hostile_handlers_find_the_wire_fd_where_the_launcher_puts_it() -> None:
     # Guard for the hostile handlers: argv carries --fds READ,WRITE,CONTROL.
-    from corral._launcher import WorkerSpec
+    from corral._launch import WorkerSpec
 
     argv = WorkerSpec("w", TARGET).command(10, 11, 12)
     assert argv[argv.index("--fds") + 1].split(",")[1] == "11"

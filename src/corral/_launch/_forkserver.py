@@ -29,17 +29,16 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._errors import WorkerStartError, describe_exit
-from ._framing import FrameDecoder, FrameEncoder
-from ._log import get_logger
-from ._messages import ParentBound
+from .._errors import WorkerStartError, describe_exit
+from .._framing import FrameDecoder, FrameEncoder
+from .._log import get_logger
+from .._messages import ParentBound
+from .._transport import FrameConnection, open_pipe_connection
+from ._seam import ProcessEvents, WorkerEvents
 from ._shepherd_control import ShepherdControl
-from ._transport import FrameConnection, open_pipe_connection
-
-if TYPE_CHECKING:
-    from ._launcher import ProcessEvents, WorkerEvents, WorkerSpec
+from ._spec import WorkerSpec
 
 __all__ = ["ForkedWorker", "Template", "Templates"]
 
@@ -333,6 +332,10 @@ class ForkedWorker(ShepherdControl):
     worker. If the pipe ends without it, the shepherd itself was killed (the
     worker dies with it, by PR_SET_PDEATHSIG): that is reported as SIGKILL.
     """
+
+    same_host = True  # its pid and /proc are this host's
+    node_id: str | None = None
+    node_address: str | None = None
 
     connection: FrameConnection
 

@@ -32,9 +32,12 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ._door import check_seconds
-from ._errors import PlacementError, ProtocolError, WorkerStartError
-from ._framing import FrameDecoder, FrameEncoder
+from .._door import check_seconds
+from .._errors import PlacementError, ProtocolError, WorkerStartError
+from .._framing import FrameDecoder, FrameEncoder
+from .._log import get_logger
+from .._messages import ParentBound
+from .._transport import FrameWriter, _ReadProtocol, tick_batch
 from ._handshake import (
     KNOCK_SIZE,
     HandshakeError,
@@ -44,9 +47,7 @@ from ._handshake import (
     read_knock,
     server_handshake,
 )
-from ._launcher import WorkerEvents, WorkerSpec
-from ._log import get_logger
-from ._messages import ParentBound
+from ._seam import NothingHeld, WorkerEvents
 from ._shim import (
     ShimExited,
     ShimFailed,
@@ -57,7 +58,7 @@ from ._shim import (
     ShimStderr,
     shim_input,
 )
-from ._transport import FrameWriter, _ReadProtocol
+from ._spec import WorkerSpec
 
 __all__ = [
     "Listener",
@@ -354,7 +355,7 @@ class RemoteWorker:
             self._supervision = supervision
             opened.append(supervision)
             data, _ = await loop.connect_accepted_socket(
-                lambda: _ReadProtocol(decoder, self._events), owned[Role.DATA]
+                lambda: _ReadProtocol(decoder, self._events, tick_batch(loop)), owned[Role.DATA]
             )
             del owned[Role.DATA]
             opened.append(data)
@@ -514,7 +515,7 @@ class RemoteWorker:
         self._on_close()
 
 
-class ShimLauncher:
+class ShimLauncher(NothingHeld):
     """Places a shim per worker (the subclass says where) and lets it connect back.
 
     The listener opens with the first launch and closes when no worker of
@@ -749,7 +750,7 @@ class SubprocessShimLauncher(ShimLauncher):
         # The pool's environment (sys.path included) is applied here, as the
         # local launcher does; the shim adds nothing to it.
         local_order = msgspec.structs.replace(order, env={}, env_allowlist=None)
-        command = [sys.executable, "-m", "corral._shim"]
+        command = [sys.executable, "-m", "corral._launch._shim"]
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,

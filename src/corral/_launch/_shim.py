@@ -1,7 +1,7 @@
 """The remote side of a placed worker: connect back, authenticate, start the worker, watch it.
 
 Runs where a cluster scheduler put it (inside a Ray actor, or as
-``python -m corral._shim`` for tests and hand placement), in one thread, with
+``python -m corral._launch._shim`` for tests and hand placement), in one thread, with
 no event loop. It
 - opens three TCP connections to the pool (supervision, data, control), each
   through the HMAC handshake of ``_handshake``;
@@ -36,9 +36,10 @@ from typing import Any
 
 import msgspec
 
-from ._framing import FrameDecoder, FrameEncoder
+from .._framing import FrameDecoder, FrameEncoder
 from ._handshake import HandshakeError, ListenerBusy, Role, client_handshake
-from ._launcher import WorkerSpec, shepherd_command
+from ._spawn import shepherd_command
+from ._spec import WorkerSpec
 
 __all__ = [
     "ShimExited",
@@ -395,12 +396,12 @@ class _ShimInput(msgspec.Struct, frozen=True):
 
 
 def shim_input(order: ShimOrder, key: bytes) -> bytes:
-    """What ``python -m corral._shim`` reads on its stdin."""
+    """What ``python -m corral._launch._shim`` reads on its stdin."""
     return msgspec.json.encode(_ShimInput(order, key))
 
 
 def main() -> None:
-    """``python -m corral._shim``: the order and key as one JSON object on stdin."""
+    """``python -m corral._launch._shim``: the order and key as one JSON object on stdin."""
     given = msgspec.json.decode(sys.stdin.buffer.read(), type=_ShimInput)
     try:
         code = run_shim(given.order, given.key)

@@ -1,0 +1,369 @@
+"""The dispatcher: which caller gets which worker, and when.
+
+Owns: the wait queues (``WaitQueues``: plain calls, checkouts, and session
+callers queued by their home worker), the claim (one worker drained for a
+waiting checkout), the one pair that hands out slots (``try_acquire``, the fast
+path with nothing to wait for, and ``acquire``, which waits), handing freed
+capacity to waiters (``serve``, which returns how many it granted), and the
+watchers woken on every change (``wait_until``). Decisions come from
+``_router`` (pure) and ``Sessions`` (a session's home). Must not touch: worker
+processes, the restart budget or recycling (the supervisor), or what a call
+sends (the call path).
+
+Accounting rule: a slot is reserved on the worker synchronously when granted,
+and given back synchronously by whoever took it, on every path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+
+from . import _router
+from ._errors import CallTimeout, CorralError, PoolFailed, PoolOverloaded, PoolTimeout
+from ._handle import WorkerHandle
+from ._pool_state import PoolLifecycle, PoolState
+from ._sessions import Sessions
+
+__all__ = ["Dispatcher", "WaitQueues"]
+
+
+class _Waiter:
+    __slots__ = ("exclusive", "future", "home", "method", "queued", "session")
+
+    def __init__(
+        self,
+        future: asyncio.Future[WorkerHandle],
+        session: str | None,
+        exclusive: bool,
+        method: str | None,
+    ) -> None:
+        self.future = future
+        self.session = session
+        self.exclusive = exclusive
+        self.method = method
+        self.queued = False
+        self.home: WorkerHandle | None = None  # a session waiter's worker when queued
+
+
+class WaitQueues:
+    """Callers waiting for a worker, by what they wait for; each queue is FIFO.
+
+    Session callers queue by the worker that holds their session (their home),
+    so a slot freed on one worker is offered to that worker's queue alone.
+    """
+
+    __slots__ = ("_session_counts", "exclusive", "plain", "sessions")
+
+    def __init__(self) -> None:
+        self.plain: collections.deque[_Waiter] = collections.deque()
+        self.exclusive: collections.deque[_Waiter] = collections.deque()
+        self.sessions: dict[WorkerHandle | None, collections.deque[_Waiter]] = {}
+        self._session_counts: collections.Counter[str] = collections.Counter()
+
+    def _queue_of(self, waiter: _Waiter) -> collections.deque[_Waiter]:
+        if waiter.session is not None:
+            return self.sessions[waiter.home]
+        return self.exclusive if waiter.exclusive else self.plain
+
+    def has_waiters_like(self, session: str | None, exclusive: bool) -> bool:
+        """Whether a new request of this kind must queue behind earlier ones."""
+        if session is not None:
+            return self._session_counts[session] > 0
+        return bool(self.exclusive) if exclusive else bool(self.plain or self.exclusive)
+
+    def add(self, waiter: _Waiter, home: WorkerHandle | None = None) -> None:
+        waiter.queued = True
+        if waiter.session is not None:
+            waiter.home = home
+            self._session_counts[waiter.session] += 1
+            self.sessions.setdefault(home, collections.deque()).append(waiter)
+        else:
+            self._queue_of(waiter).append(waiter)
+
+    def discard(self, waiter: _Waiter) -> None:
+        if not waiter.queued:
+            return
+        waiter.queued = False
+        queue = self._queue_of(waiter)
+        if queue and queue[0] is waiter:
+            queue.popleft()
+        else:
+            queue.remove(waiter)
+        if waiter.session is not None:
+            self._forget_session_waiter(waiter, queue)
+
+    def _forget_session_waiter(self, waiter: _Waiter, queue: collections.deque[_Waiter]) -> None:
+        assert waiter.session is not None
+        self._session_counts[waiter.session] -= 1
+        if not self._session_counts[waiter.session]:
+            del self._session_counts[waiter.session]
+        if not queue:
+            del self.sessions[waiter.home]
+
+    def fail_all(self, error: CorralError) -> None:
+        queues = [self.exclusive, self.plain, *self.sessions.values()]
+        for queue in queues:
+            for waiter in queue:
+                waiter.queued = False
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
+            queue.clear()
+        self.sessions.clear()
+        self._session_counts.clear()
+
+    def __len__(self) -> int:
+        return len(self.plain) + len(self.exclusive) + sum(self._session_counts.values())
+
+
+class Dispatcher:
+    """Hands workers' slots to callers: at once when free, else in order as they free up."""
+
+    def __init__(
+        self,
+        lifecycle: PoolLifecycle,
+        workers: list[WorkerHandle],
+        sessions: Sessions,
+        *,
+        max_waiting: int | None,
+        failure: Callable[[], PoolFailed | None],
+        callers_waiting: Callable[[], None],
+    ) -> None:
+        self._lifecycle = lifecycle
+        self._workers = workers  # the supervisor's list: read here, never changed
+        self._sessions = sessions
+        self._max_waiting = max_waiting
+        self._failure = failure  # the pool's PoolFailed while it is failed, else None
+        self._callers_waiting = callers_waiting  # the supervisor may grow the pool
+        self.queues = WaitQueues()
+        self.claimed: WorkerHandle | None = None  # drained for a waiting checkout
+        self._watchers: list[asyncio.Future[None]] = []  # woken on any change
+        self.drained: asyncio.Event | None = None  # set once nothing is in flight, closing
+
+    # --- taking a slot -----------------------------------------------------------
+
+    def _place(self, session: str | None, exclusive: bool) -> WorkerHandle | None:
+        """Which worker takes this request now, or None to wait (router rules 1-4)."""
+        if session is None:
+            return _router.pick_for_call(self._workers, exclusive)
+        home = self._sessions.place(session, self._workers)  # may raise SessionLost, once
+        if home is None:
+            return None
+        return home if _router.can_take(home, exclusive) else None
+
+    def try_acquire(self, session: str | None) -> WorkerHandle | None:
+        """A slot for a call, free now with nobody queued before it; None: ``acquire``."""
+        if not self._lifecycle.open:
+            return None  # acquire() raises the right error
+        if self.queues.has_waiters_like(session, False):
+            return None
+        worker = self._place(session, False)
+        if worker is not None:
+            worker.reserve(False)
+        return worker
+
+    async def acquire(
+        self, session: str | None, exclusive: bool, deadline: float | None, method: str | None
+    ) -> WorkerHandle:
+        """Wait for a worker and claim a slot on it (the whole worker if exclusive)."""
+        self._lifecycle.check_open()
+        queues = self.queues
+        if not queues.has_waiters_like(session, exclusive):
+            worker = self._place(session, exclusive)
+            if worker is not None:
+                worker.reserve(exclusive)
+                return worker
+        failed = self._failure()
+        if failed is not None:
+            raise failed
+        if self._max_waiting is not None and len(queues) >= self._max_waiting:
+            raise PoolOverloaded(
+                f"pool {self._lifecycle.name} has {len(queues)} callers waiting "
+                f"(max_waiting={self._max_waiting})",
+                method=method,
+                session=session,
+            )
+        loop = self._lifecycle.loop
+        assert loop is not None  # set when the pool started; check_open() passed
+        waiter = _Waiter(loop.create_future(), session, exclusive, method)
+        queues.add(waiter, self._sessions.get(session) if session is not None else None)
+        self._callers_waiting()
+        if session is not None or exclusive or _router.pick_for_call(self._workers):
+            # A session pins now, a checkout may claim a worker, and a plain
+            # caller queued behind callers that are leaving may be served at once.
+            self.serve()
+        elif self._watchers:
+            self.wake_watchers()  # a new waiter is a change too
+        timer = None
+        if deadline is not None and not waiter.future.done():
+            timer = loop.call_at(deadline, self._waiter_expired, waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().give_back(exclusive)  # granted, but the caller is gone
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not waiter.future.done():
+                waiter.future.cancel()
+            queues.discard(waiter)
+            if exclusive and not queues.exclusive:
+                self.serve()  # a claim held for this caller may be released
+
+    def _waiter_expired(self, waiter: _Waiter) -> None:
+        if waiter.future.done():
+            return
+        if waiter.method is None:
+            error: CorralError = PoolTimeout(
+                "no worker became free within the checkout timeout", session=waiter.session
+            )
+        else:
+            error = CallTimeout(
+                f"call {waiter.method!r} ran past its deadline while waiting for a worker",
+                method=waiter.method,
+                session=waiter.session,
+            )
+        waiter.future.set_exception(error)
+
+    def fail_waiters(self, error: CorralError) -> None:
+        self.queues.fail_all(error)
+
+    # --- handing out freed capacity ------------------------------------------------
+
+    def serve(self, freed: WorkerHandle | None = None) -> int:
+        """Hand free capacity to waiters; returns the grants made. Synchronous.
+
+        Called on every capacity change (``freed``: the worker whose capacity
+        changed, if one did). Session waiters first (each can only use its own
+        worker), then checkouts (which need an idle worker: if none is, one
+        worker is claimed and takes no new calls until it drains, so checkouts
+        cannot starve), then plain calls, oldest first.
+        """
+        queues = self.queues
+        if not (
+            queues.plain
+            or queues.exclusive
+            or queues.sessions
+            or self.claimed is not None
+            or self._watchers
+            or self.drained is not None
+        ):
+            return 0  # the common case, on every call's reply: nobody to tell
+        grants = 0
+        workers = self._workers
+        if queues.sessions:
+            if freed is not None and freed.state.accepting:
+                grants += self._serve_session_waiters(freed)
+            else:
+                for home in list(queues.sessions):
+                    grants += self._serve_session_waiters(home)
+        exclusive = queues.exclusive
+        while exclusive:
+            waiter = exclusive[0]
+            if not waiter.future.done():
+                worker = _router.pick_for_call(workers, exclusive=True)
+                if worker is None:
+                    break
+                self._set_claim(None)
+                self._grant(waiter, worker)
+                grants += 1
+            exclusive.popleft().queued = False
+        if not exclusive:
+            self._set_claim(None)
+        elif self.claimed is None or not _router.can_claim(self.claimed):
+            self._set_claim(_router.pick_claim(workers))
+        plain = queues.plain
+        while plain:
+            waiter = plain[0]
+            if not waiter.future.done():
+                worker = _router.pick_for_call(workers)
+                if worker is None:
+                    break
+                self._grant(waiter, worker)
+                grants += 1
+            plain.popleft().queued = False
+        drained = self.drained
+        if (
+            drained is not None
+            and self._lifecycle.state is PoolState.CLOSING
+            and not any(w.inflight for w in workers)
+        ):
+            drained.set()  # aclose() drains until this
+        if self._watchers:
+            self.wake_watchers()
+        return grants
+
+    def _serve_session_waiters(self, home: WorkerHandle | None) -> int:
+        """Offer ``home``'s capacity to the callers whose session lives there, in order."""
+        queues = self.queues
+        queue = queues.sessions.get(home)
+        grants = 0
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():
+                queues.discard(waiter)
+                continue
+            assert waiter.session is not None
+            try:
+                worker = self._place(waiter.session, waiter.exclusive)
+            except CorralError as exc:
+                queues.discard(waiter)
+                waiter.future.set_exception(exc)
+                continue
+            if worker is not None:
+                queues.discard(waiter)
+                self._grant(waiter, worker)
+                grants += 1
+                continue
+            new_home = self._sessions.get(waiter.session)
+            if new_home is home:
+                break  # the head waits for this worker; so does everyone behind it
+            queues.discard(waiter)  # its session moved (its old worker died)
+            queues.add(waiter, new_home)
+        return grants
+
+    @staticmethod
+    def _grant(waiter: _Waiter, worker: WorkerHandle) -> None:
+        worker.reserve(waiter.exclusive)
+        waiter.future.set_result(worker)
+
+    def _set_claim(self, worker: WorkerHandle | None) -> None:
+        current = self.claimed
+        if current is worker:
+            return
+        if current is not None:
+            current.claimed = False
+        if worker is not None and worker.state.accepting:
+            worker.claimed = True
+            self.claimed = worker
+        else:
+            self.claimed = None
+
+    # --- watching for changes ---------------------------------------------------------
+
+    def wake_watchers(self, _worker: WorkerHandle | None = None) -> None:
+        """Wake every ``wait_until`` so it checks its condition again."""
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait, woken by every change of the pool, until ``condition()``; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not condition():
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            watcher = loop.create_future()
+            self._watchers.append(watcher)
+            try:
+                await asyncio.wait_for(watcher, remaining)
+            except TimeoutError:
+                return condition()
+        return True
