@@ -73,6 +73,10 @@ class PoolConfig:
     large_buffer_threshold: int | None = DEFAULT_LARGE_BUFFER_THRESHOLD
     #: Callers allowed to wait for a worker; past it, PoolOverloaded. None: no bound.
     max_waiting: int | None = None
+    #: How long a plain call or stream may wait for a worker before it is refused
+    #: with PoolTimeout (it did not run, so it may be sent elsewhere: the Pools
+    #: front falls back on it). None: it waits until its own deadline.
+    queue_timeout: float | None = None
     #: After a Cancel, how long a worker has to acknowledge before it is evicted.
     cancel_grace: float = 1.0
     #: On close: how long calls in flight may finish before workers are stopped.
@@ -131,7 +135,7 @@ class PoolConfig:
         check_count(self.stream_window, "stream_window", minimum=1)
         for name in ("max_requests", "max_memory", "max_memory_hard", "max_sessions_per_worker"):
             check_count(getattr(self, name), name, minimum=1, optional=True)
-        for name in ("call_timeout", "max_lifetime", "session_ttl"):
+        for name in ("call_timeout", "queue_timeout", "max_lifetime", "session_ttl"):
             check_timeout(getattr(self, name), name)
         jitter = self.recycle_jitter
         if isinstance(jitter, bool) or not isinstance(jitter, numbers.Real):

@@ -127,6 +127,7 @@ class Dispatcher:
         sessions: Sessions,
         *,
         max_waiting: int | None,
+        queue_timeout: float | None = None,
         failure: Callable[[], PoolFailed | None],
         callers_waiting: Callable[[], None],
     ) -> None:
@@ -134,6 +135,7 @@ class Dispatcher:
         self._workers = workers  # the supervisor's list: read here, never changed
         self._sessions = sessions
         self._max_waiting = max_waiting
+        self._queue_timeout = queue_timeout  # a plain call's longest wait: PoolTimeout
         self._failure = failure  # the pool's PoolFailed while it is failed, else None
         self._callers_waiting = callers_waiting  # the supervisor may grow the pool
         self.queues = WaitQueues()
@@ -196,8 +198,15 @@ class Dispatcher:
         elif self._watchers:
             self.wake_watchers()  # a new waiter is a change too
         timer = None
-        if deadline is not None and not waiter.future.done():
-            timer = loop.call_at(deadline, self._waiter_expired, waiter)
+        if not waiter.future.done():
+            queue_timeout = self._queue_timeout if method is not None else None
+            if queue_timeout is not None and (
+                deadline is None or loop.time() + queue_timeout < deadline
+            ):
+                # Refused before its deadline, with nothing run: the caller may go elsewhere.
+                timer = loop.call_later(queue_timeout, self._queue_expired, waiter)
+            elif deadline is not None:
+                timer = loop.call_at(deadline, self._waiter_expired, waiter)
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -228,6 +237,18 @@ class Dispatcher:
                 session=waiter.session,
             )
         waiter.future.set_exception(error)
+
+    def _queue_expired(self, waiter: _Waiter) -> None:
+        if waiter.future.done():
+            return
+        waiter.future.set_exception(
+            PoolTimeout(
+                f"no worker became free for {waiter.method!r} within queue_timeout="
+                f"{self._queue_timeout}s; the call did not run",
+                method=waiter.method,
+                session=waiter.session,
+            )
+        )
 
     def fail_waiters(self, error: CorralError) -> None:
         self.queues.fail_all(error)

@@ -173,7 +173,8 @@ class CallTimeout(CorralError, TimeoutError):
 
 
 class PoolTimeout(CorralError, TimeoutError):
-    """No worker became free within the checkout timeout."""
+    """No worker became free within the checkout timeout, or within ``queue_timeout`` for a
+    plain call or stream (which then did not run)."""
 
 
 class PoolClosed(CorralError):

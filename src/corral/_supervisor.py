@@ -85,6 +85,7 @@ class Supervisor:
             self.workers,
             sessions,
             max_waiting=config.max_waiting,
+            queue_timeout=config.queue_timeout,
             failure=self.failure,
             callers_waiting=self._callers_waiting,
         )
