@@ -323,8 +323,9 @@ async def corral_extras(counts: Counts, progress: Progress = NO_PROGRESS) -> dic
             await pool.wait_ready(timeout=30)
             add("crashed worker to full capacity (ms)", (time.perf_counter() - killed) * 1000)
             rss = [w.sample_rss() or 0 for w in pool.workers]
-            shepherd = _rss_of(pool.workers[0]._launched.pid) if pool.workers[0]._launched else 0
-        bare = await _bare_interpreter_rss()
+            launched = pool.workers[0]._launched
+            shepherd = cost.rss_of(launched.pid) if launched else 0
+        bare = await cost.bare_interpreter_rss()
         add("idle worker RSS / bare interpreter RSS", statistics.mean(rss) / bare)
         add("idle worker RSS (MiB)", statistics.mean(rss) / MIB)
         add("shepherd RSS (MiB)", shepherd / MIB)
@@ -362,31 +363,6 @@ async def threshold_sweep(counts: Counts) -> None:
         sys.stdout.write(
             f"{kib:>6} KiB{_format(pipes):>16}{_format(shm_rate):>18}{shm_rate / pipes:>7.2f}x\n"
         )
-
-
-def _rss_of(pid: int) -> int:
-    from corral._handle import rss_of
-
-    return rss_of(pid) or 0
-
-
-async def _bare_interpreter_rss() -> int:
-    """RSS of a Python process that has started and does nothing."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import sys; sys.stdout.write('up\\n'); sys.stdout.flush(); sys.stdin.read()",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    assert proc.stdin is not None
-    await proc.stdout.readline()
-    try:
-        return _rss_of(proc.pid)
-    finally:
-        proc.stdin.close()
-        await proc.wait()
 
 
 def _format(value: float) -> str:
