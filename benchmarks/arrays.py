@@ -172,6 +172,12 @@ def _rate(size: int, seconds: float) -> str:
     return f"{size / seconds / 1e9:6.2f}"
 
 
+def _ratio(top: float, bottom: float, spec: str) -> str:
+    """``top / bottom`` formatted; "n/a" when a short run measured no time at all
+    (a CPU counter's tick is coarser than a few quick calls)."""
+    return format(top / bottom, spec) if bottom > 0 else "n/a"
+
+
 async def main_async(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -231,12 +237,13 @@ async def main_async(args: argparse.Namespace) -> None:
     for other in ("ProcessPoolExecutor", "anyio.to_process"):
         for label in (array_label, f"Arrow table {rows:,} x 10", "64 MiB bytes"):
             if (label, other) in medians and (label, "corral") in medians:
-                w = medians[(label, other)][0] / medians[(label, "corral")][0]
-                c = medians[(label, other)][1] / medians[(label, "corral")][1]
-                print(f"{label}: corral is {w:.1f}x {other} (wall), {c:.1f}x (CPU)")
+                w = _ratio(medians[(label, other)][0], medians[(label, "corral")][0], ".1f")
+                c = _ratio(medians[(label, other)][1], medians[(label, "corral")][1], ".1f")
+                print(f"{label}: corral is {w}x {other} (wall), {c}x (CPU)")
     a, b = medians[("1 KiB ndarray", "corral")], medians[("1 KiB bytes", "corral")]
     print(
-        f"1 KiB ndarray / 1 KiB bytes per call: {a[0] / b[0]:.2f}x (wall), {a[1] / b[1]:.2f}x (CPU)"
+        f"1 KiB ndarray / 1 KiB bytes per call: {_ratio(a[0], b[0], '.2f')}x (wall), "
+        f"{_ratio(a[1], b[1], '.2f')}x (CPU)"
     )
     named, used = await peak_shm(64, 4 * MIB)
     print(
