@@ -245,7 +245,9 @@ class ArrayCodec:
         if isinstance(buffer, msgspec.msgpack.Ext) and buffer.code == STREAMED_BUFFER_EXT:
             if self.stream is None:
                 raise ProtocolError("streamed buffer reference on a connection without them")
-            return self.stream.take(buffer.data), 0  # counted when its frame's table was read
+            return self.stream.take(
+                bytes(buffer.data)
+            ), 0  # counted when its frame's table was read
         if isinstance(buffer, msgspec.msgpack.Ext) and self.large is not None:
             mapping, size = self.large.map(bytes(buffer.data), budget)
             return mapping, size

@@ -99,7 +99,7 @@ def decompress(ident: int, data: bytes | bytearray | memoryview, size: int) -> b
     try:
         if name == "lz4":
             lz4 = module.LZ4FrameDecompressor(return_bytearray=True)
-            out = lz4.decompress(data, max_length=size)
+            out: bytearray = lz4.decompress(data, max_length=size)
             whole = lz4.eof and not lz4.unused_data
         else:
             out = bytearray(size)

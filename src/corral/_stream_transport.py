@@ -90,10 +90,8 @@ class StreamReadProtocol(asyncio.BufferedProtocol, Generic[T]):
             return
         decoder = self._decoder
         try:
-            if self._direct:
-                messages = decoder.filled(nbytes)
-            else:
-                messages = decoder.feed(self._view[:nbytes])
+            direct = self._direct
+            messages = decoder.filled(nbytes) if direct else decoder.feed(self._view[:nbytes])
         except ProtocolError as exc:
             self._broken = True
             self._listener.connection_broken(exc)

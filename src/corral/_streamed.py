@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import select
 import struct
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -61,6 +62,7 @@ _IOV_MAX = 1024
 _CODEC_NONE = 0
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class StreamedBuffers:
@@ -212,9 +214,7 @@ class StreamingBlockingWriter(BlockingFrameWriter):
         if parts is None:
             super().write(data)
             return
-        chunks = [
-            p if isinstance(p, memoryview) else memoryview(p) for p in pieces(data, parts)
-        ]
+        chunks = [p if isinstance(p, memoryview) else memoryview(p) for p in pieces(data, parts)]
         with self._lock:
             if self.closed:
                 raise BrokenPipeError("the worker's wire is closed")
@@ -345,7 +345,7 @@ class StreamFrameDecoder(FrameDecoder[T]):
         self._guarded(lambda: self._consume(memoryview(data), messages))
         return messages
 
-    def _guarded(self, work: Any) -> Any:
+    def _guarded(self, work: Callable[[], R]) -> R:
         if self._failed is not None:
             raise self._failed
         try:
@@ -412,7 +412,7 @@ class StreamFrameDecoder(FrameDecoder[T]):
         table = HEADER_SIZE + _COUNT.size
         if len(data) < table:
             return None
-        (count,) = _COUNT.unpack(data[HEADER_SIZE:table])
+        count: int = _COUNT.unpack(data[HEADER_SIZE:table])[0]
         if not 0 < count <= MAX_BUFFERS:
             raise ProtocolError(f"streamed frame announces {count} buffers (1..{MAX_BUFFERS})")
         body = table + count * _ENTRY.size
