@@ -130,6 +130,24 @@ def test_compressible_buffers_are_compressed_and_small_ones_never() -> None:
     assert np.array_equal(back.value[0], big) and np.array_equal(back.value[2], noise)
 
 
+def test_a_large_buffer_whose_sample_does_not_compress_is_not_compressed_at_all() -> None:
+    pytest.importorskip("lz4")
+    enc = encoder("lz4")
+    calls: list[int] = []
+    stream = enc._stream
+    assert stream is not None
+    compress = stream._compress
+    assert compress is not None
+    stream._compress = lambda data: calls.append(data.nbytes) or compress(data)
+    noise = np.frombuffer(os.urandom(4 << 20), dtype=np.uint8)
+    data = wire(enc, Result(1, noise))
+    assert calls == [64 * 1024]  # the sample only
+    assert ENTRY.unpack(data[8:25]) == (0, 4 << 20, 4 << 20)
+    calls.clear()
+    wire(enc, Result(1, np.zeros(1 << 19)))  # 4 MiB of zeros: the sample pays, then the whole
+    assert calls == [64 * 1024, 4 << 20]
+
+
 def test_the_worker_reads_buffers_from_the_socket_into_the_value_itself() -> None:
     array = np.arange(1 << 20, dtype="<f8")  # 8 MiB: many reads
     enc = encoder()

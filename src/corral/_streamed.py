@@ -55,6 +55,10 @@ STREAMED_FLAG = 0x8000_0000
 MAX_BODY = STREAMED_FLAG - 1
 #: Most buffers one frame may stream.
 MAX_BUFFERS = 4096
+#: A buffer of at least SAMPLE_FROM bytes is compressed only if SAMPLE_SIZE
+#: bytes from its middle compress by a tenth.
+SAMPLE_FROM = 1024 * 1024
+SAMPLE_SIZE = 64 * 1024
 _COUNT = struct.Struct(">I")
 _ENTRY = struct.Struct(">BQQ")  # codec, bytes on the wire, bytes once decoded
 _INDEX = struct.Struct(">I")
@@ -93,7 +97,7 @@ class StreamedBuffers:
         size = raw.nbytes
         wire: Any = raw
         codec = _CODEC_NONE
-        if self._compress is not None and size >= COMPRESSION_THRESHOLD:
+        if self._compress is not None and size >= COMPRESSION_THRESHOLD and self._pays(raw):
             packed = self._compress(raw)
             if len(packed) < size:  # incompressible data goes as it is
                 wire, codec = packed, self.codec
@@ -103,6 +107,16 @@ class StreamedBuffers:
         self.parts.append(wire)
         self.entries.append(_ENTRY.pack(codec, len(wire), size))
         return msgspec.msgpack.Ext(STREAMED_BUFFER_EXT, _INDEX.pack(index))
+
+    def _pays(self, raw: memoryview) -> bool:
+        """Whether compressing ``raw`` is worth it: for a large buffer, a sample from
+        its middle must shrink by a tenth (random floats, say, never do)."""
+        size = raw.nbytes
+        if size < SAMPLE_FROM:
+            return True
+        assert self._compress is not None
+        middle = (size - SAMPLE_SIZE) // 2
+        return len(self._compress(raw[middle : middle + SAMPLE_SIZE])) < 0.9 * SAMPLE_SIZE
 
     def take(self, data: bytes) -> Any:
         """The received buffer a body's extension names (each at most once)."""
