@@ -9,6 +9,7 @@ allocates for it. Frames without such buffers are the plain frames.
 
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import struct
@@ -167,7 +168,7 @@ def test_the_worker_reads_buffers_from_the_socket_into_the_value_itself() -> Non
     base = message.value
     while isinstance(base, np.ndarray | memoryview):
         base = base.base if isinstance(base, np.ndarray) else base.obj
-    assert isinstance(base, bytearray) and len(base) == array.nbytes  # no copy made of it
+    assert isinstance(base, mmap.mmap) and len(base) == array.nbytes  # no copy made of it
 
 
 def test_a_stream_that_ends_inside_the_buffers_is_a_protocol_error() -> None:

@@ -18,6 +18,7 @@ array or table.
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import struct
@@ -59,6 +60,7 @@ MAX_BUFFERS = 4096
 #: bytes from its middle compress by a tenth.
 SAMPLE_FROM = 1024 * 1024
 SAMPLE_SIZE = 64 * 1024
+_MAPPED_FROM = 1024 * 1024  # received buffers this large are anonymous mappings
 _COUNT = struct.Struct(">I")
 _ENTRY = struct.Struct(">BQQ")  # codec, bytes on the wire, bytes once decoded
 _INDEX = struct.Struct(">I")
@@ -254,6 +256,18 @@ def _write_all(fd: int, chunks: list[memoryview]) -> None:
                 written = 0
 
 
+def _memory(size: int) -> Any:
+    """Writable memory for ``size`` bytes that are about to be read into it.
+
+    A large buffer is an anonymous mapping: its pages are zeroed by the kernel
+    when the read first touches them, where a ``bytearray`` would be written
+    with zeros once more before the read copies over them.
+    """
+    if size < _MAPPED_FROM:
+        return bytearray(size)
+    return mmap.mmap(-1, size)
+
+
 class _Incoming:
     """A frame whose body has arrived and whose buffers are being read."""
 
@@ -263,7 +277,7 @@ class _Incoming:
         self.entries = entries
         self.body = body
         # Where each buffer is read: the value's own memory, or the compressed bytes.
-        self.targets = [bytearray(wire) for _, wire, _ in entries]
+        self.targets = [_memory(wire) for _, wire, _ in entries]
         self.index = 0
         self.got = 0
         self._skip_empty()
