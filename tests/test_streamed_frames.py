@@ -78,6 +78,15 @@ def test_a_large_array_follows_its_frame_as_raw_bytes_described_by_the_table() -
     assert inner == ["<f8", [1000], "C", (5, b"\x00\x00\x00\x00")]
 
 
+def test_the_example_of_the_protocol_page_byte_for_byte() -> None:
+    data = wire(encoder(), Result(1, np.zeros(1000)))
+    head = bytes.fromhex(
+        "80 00 00 17 00 00 00 01 00 00 00 00 00 00 00 1f 40 00 00 00 00 00 00 1f 40"
+        "93 03 01 c7 11 02 94 a3 3c 66 38 91 cd 03 e8 a1 43 d6 05 00 00 00 00"
+    )
+    assert data == head + bytes(8000)
+
+
 def test_a_frame_without_large_buffers_is_the_plain_frame() -> None:
     message = Result(3, [np.arange(4), b"x" * 5000, "text"])
     assert wire(encoder(), message) == bytes(FrameEncoder().encode(message))
