@@ -203,6 +203,15 @@ def test_large_arrays_round_trip_both_ways_and_arrive_writable(path: str) -> Non
     asyncio.run(main())
 
 
+async def test_results_encoded_on_two_worker_threads_at_once_all_arrive_whole() -> None:
+    async with tcp() as pool:
+        await pool.call("switch_often")  # the threads interleave inside the encoder
+        sizes = [20_000 + 1000 * k for k in range(24)]
+        calls = [pool.call("ramp" if k % 2 else "aramp", n) for k, n in enumerate(sizes)]
+        for n, got in zip(sizes, await asyncio.gather(*calls), strict=True):
+            assert np.array_equal(got, np.arange(n, dtype="<f8"))
+
+
 # --- TCP: negotiation, compression at the door ---------------------------------------------
 
 

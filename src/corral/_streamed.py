@@ -22,6 +22,7 @@ import mmap
 import os
 import select
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -75,7 +76,7 @@ class StreamedBuffers:
     """One side's streamed buffers: those taken out of the frame being encoded,
     or those read for the frame being decoded."""
 
-    __slots__ = ("_compress", "_taken", "codec", "entries", "incoming", "parts", "threshold")
+    __slots__ = ("_compress", "_out", "_taken", "codec", "incoming", "threshold")
 
     def __init__(self, threshold: int, compression: str | None = None) -> None:
         self.threshold = threshold
@@ -83,14 +84,26 @@ class StreamedBuffers:
         self._compress = None
         if compression is not None:
             self.codec, self._compress = compressor(compression)
-        self.parts: list[Any] = []  # what follows the frame, in order
-        self.entries: list[bytes] = []  # their table entries
+        # Per thread: a worker encodes on its main thread and its loop thread at once.
+        self._out = threading.local()
         self.incoming: list[Any] = []  # the buffers of the frame being decoded
         self._taken: set[int] = set()
 
+    @property
+    def parts(self) -> list[Any]:
+        """What follows the frame being encoded by this thread, in order."""
+        parts: list[Any] = self._out.__dict__.setdefault("parts", [])
+        return parts
+
+    @property
+    def entries(self) -> list[bytes]:
+        """Their table entries."""
+        entries: list[bytes] = self._out.__dict__.setdefault("entries", [])
+        return entries
+
     def begin(self) -> None:
-        self.parts = []
-        self.entries = []
+        self._out.parts = []
+        self._out.entries = []
 
     def add(self, raw: memoryview) -> msgspec.msgpack.Ext:
         """Stream ``raw`` after the frame (compressed if that pays); its place in the body."""
@@ -103,10 +116,11 @@ class StreamedBuffers:
             packed = self._compress(raw)
             if len(packed) < size:  # incompressible data goes as it is
                 wire, codec = packed, self.codec
-        index = len(self.parts)
+        parts = self.parts
+        index = len(parts)
         if index >= MAX_BUFFERS:
             raise OverLimit(f"more than {MAX_BUFFERS} large buffers in one message")
-        self.parts.append(wire)
+        parts.append(wire)
         self.entries.append(_ENTRY.pack(codec, len(wire), size))
         return msgspec.msgpack.Ext(STREAMED_BUFFER_EXT, _INDEX.pack(index))
 

@@ -61,3 +61,17 @@ def wait_for_fifo(path: str, value: Any) -> Any:
     with open(path, "rb", buffering=0) as fifo:
         fifo.read(1)
     return value
+
+
+@app.handler
+async def aramp(n: int) -> Any:
+    """``ramp`` from the worker's event loop thread (sync handlers run on its main thread)."""
+    import numpy as np
+
+    return np.arange(n, dtype="<f8")
+
+
+@app.handler
+def switch_often() -> None:
+    """Make this worker's threads take turns as often as the interpreter allows."""
+    sys.setswitchinterval(1e-6)
