@@ -266,3 +266,59 @@ def test_streamed_buffers_still_count_against_the_message_limit() -> None:
     with pytest.raises(PayloadTooLarge):
         enc.append(Result(1, [np.ones(1 << 16), np.ones(1 << 16)]), frame)  # 2 x 512 KiB
     assert frame == b"before" and enc.take_parts(frame) is None
+
+
+async def test_the_pool_keeps_what_the_socket_did_not_take_as_views_and_in_order() -> None:
+    import asyncio
+
+    from corral._stream_transport import StreamingTransport, StreamReadProtocol
+
+    class Listener:
+        def __init__(self) -> None:
+            self.messages: list[Any] = []
+            self.ended = asyncio.get_running_loop().create_future()
+
+        def frame_received(self, message: Any) -> None:
+            self.messages.append(message)
+
+        def frames_done(self) -> None:
+            return None
+
+        def connection_broken(self, error: Any) -> None:
+            if not self.ended.done():
+                self.ended.set_result(error)
+
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    listener = Listener()
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: StreamReadProtocol(decoder(), listener), ours
+    )
+    enc = encoder()
+    writer = StreamingTransport(loop, transport, enc)  # type: ignore[arg-type]
+    array = np.arange(1 << 20, dtype="<f8")  # 8 MiB: far more than the socket holds
+    expected = b""
+    for k, value in enumerate([array, "small", array[::2].copy(), 7]):
+        frame = bytearray()
+        enc.append(Result(k, value), frame)
+        expected += b"".join(bytes(p) for p in pieces(frame, enc.take_parts(frame) or []))
+        enc.append(Result(k, value), frame := bytearray())
+        writer.write(frame)
+    assert writer.waiting > 0  # the socket took part; the rest waits...
+    assert any(view.obj is array for view in writer._queue)  # ...as a view of the array
+    received = bytearray()
+
+    def read_all() -> None:
+        theirs.settimeout(30)
+        while len(received) < len(expected):
+            received.extend(theirs.recv(1 << 20))
+
+    await asyncio.to_thread(read_all)
+    assert bytes(received) == expected
+    assert writer.waiting == 0
+    writer.close()
+    theirs.close()
+    assert await asyncio.wait_for(listener.ended, 10) is None
+    assert writer.fileno == -1

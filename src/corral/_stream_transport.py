@@ -11,7 +11,10 @@ from ``_streamed`` so that a worker imports no asyncio for it.
 from __future__ import annotations
 
 import asyncio
-import sys
+import collections
+import contextlib
+import itertools
+import os
 from typing import Any, Generic, TypeVar
 
 from ._errors import ProtocolError
@@ -21,42 +24,115 @@ from ._transport import TruncatedStream
 __all__ = ["StreamReadProtocol", "StreamingTransport"]
 
 _READ_SIZE = 256 * 1024  # the pool's reads of frames (buffers are read in place)
+_IOV_MAX = 1024
 T = TypeVar("T")
 
 
 class StreamingTransport:
     """The pool's data socket as ``FrameWriter`` sees it: frames, then their buffers.
 
-    Python 3.12+ sends a list of buffers with one ``sendmsg`` and keeps what
-    the socket did not take as views (no copy); 3.11's ``writelines`` would
-    join them, so there each piece is written on its own, and the transport
-    copies only what the socket cannot take at once.
+    Writes go out with ``os.writev`` on a duplicate of the socket's descriptor
+    (the asyncio transport keeps reading the original): what the socket does
+    not take at once waits as views of the frames and of the arrays, never as
+    a copy (asyncio's transports copy it into a buffer of their own, and
+    Python 3.11's ``writelines`` joins everything first). The loop watches the
+    duplicate for room while anything waits. ``close`` lets what waits drain,
+    then lets the descriptor go; a write error drops it at once (the reading
+    side sees the connection end).
     """
 
-    __slots__ = ("_encoder", "_transport", "_writelines")
+    __slots__ = ("_closing", "_encoder", "_fd", "_loop", "_queue", "_transport", "_watching")
 
-    def __init__(self, transport: asyncio.WriteTransport, encoder: StreamFrameEncoder) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        transport: asyncio.Transport,
+        encoder: StreamFrameEncoder,
+    ) -> None:
+        self._loop = loop
         self._transport = transport
         self._encoder = encoder
-        self._writelines = sys.version_info >= (3, 12)
+        self._fd = os.dup(transport.get_extra_info("socket").fileno())
+        os.set_blocking(self._fd, False)
+        self._queue: collections.deque[memoryview] = collections.deque()
+        self._watching = False
+        self._closing = False
+
+    @property
+    def fileno(self) -> int:
+        """The duplicate descriptor it writes with (-1 once released)."""
+        return self._fd
+
+    @property
+    def waiting(self) -> int:
+        """Bytes written but not yet taken by the socket."""
+        return sum(view.nbytes for view in self._queue)
 
     def write(self, data: bytes | bytearray) -> None:
+        if self._fd < 0:
+            return  # the connection is gone: as a closed transport, drop it
         parts = self._encoder.take_parts(data)
+        queue = self._queue
         if parts is None:
-            self._transport.write(data)
-            return
-        chunks = pieces(data, parts)
-        if self._writelines:
-            self._transport.writelines(chunks)
+            queue.append(memoryview(data))
         else:
-            for piece in chunks:
-                self._transport.write(piece)
+            for piece in pieces(data, parts):
+                view = piece if isinstance(piece, memoryview) else memoryview(piece)
+                if view.nbytes:
+                    queue.append(view)
+        if not self._watching:
+            self._send()
+
+    def _send(self) -> None:
+        queue = self._queue
+        while queue:
+            batch = list(itertools.islice(queue, _IOV_MAX))
+            try:
+                written = os.writev(self._fd, batch)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._release()  # the peer is gone; the reading side reports it
+                return
+            while written:
+                first = queue[0]
+                if written >= first.nbytes:
+                    written -= first.nbytes
+                    queue.popleft()
+                else:
+                    queue[0] = first[written:]
+                    written = 0
+        if queue:
+            if not self._watching:
+                self._watching = True
+                self._loop.add_writer(self._fd, self._send)
+        else:
+            if self._watching:
+                self._watching = False
+                self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._release()
+
+    def _release(self) -> None:
+        if self._fd < 0:
+            return
+        if self._watching:
+            self._watching = False
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.remove_writer(self._fd)
+        self._queue.clear()
+        os.close(self._fd)
+        self._fd = -1
 
     def close(self) -> None:
+        """Close the transport; this descriptor goes once what waits is written."""
+        self._closing = True
         self._transport.close()
+        if not self._queue:
+            self._release()
 
     def is_closing(self) -> bool:
-        return self._transport.is_closing()
+        return self._closing
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._transport.get_extra_info(name, default)

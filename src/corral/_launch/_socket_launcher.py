@@ -382,13 +382,18 @@ class RemoteWorker:
                 sock.close()
             raise
         data_out: Any = data
+        extra: tuple[int, ...] = ()
         if self._encoder is not None:
-            data_out = StreamingTransport(data, self._encoder)
+            data_out = StreamingTransport(loop, data, self._encoder)
+            extra = (data_out.fileno,)
         self.connection = SocketConnection(
             FrameWriter(loop, data_out, encoder),
             FrameWriter(loop, control, FrameEncoder(size)),  # Ping and Cancel: always plain
         )
-        self._fds = tuple(t.get_extra_info("socket").fileno() for t in (supervision, data, control))
+        self._fds = (
+            *(t.get_extra_info("socket").fileno() for t in (supervision, data, control)),
+            *extra,
+        )
 
     # --- what the shim says ---------------------------------------------------
 
