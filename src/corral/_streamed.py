@@ -5,7 +5,7 @@ table of buffers after the length, the MessagePack body, then the raw buffers:
 docs/protocol.md, "Streamed buffers"), both ends of it: the encoder that takes
 large array and table buffers out of the body (compressing them if the pool
 chose a codec), the writers that send them after their frame without copying
-them (``os.writev`` in the worker, the transport's ``writelines`` in the pool),
+them (``os.writev``, in the worker and in the pool: ``_stream_transport``),
 and the decoder that reads them straight into the memory the received value
 will view (``os.readv`` in the worker, ``recv_into`` through an asyncio
 ``BufferedProtocol`` in the pool). Must not touch: pipes or shared memory (a
