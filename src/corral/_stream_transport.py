@@ -172,8 +172,6 @@ class StreamReadProtocol(asyncio.BufferedProtocol, Generic[T]):
             self._broken = True
             self._listener.connection_broken(exc)
             return
-        if not messages:
-            return
         received = self._listener.frame_received
         for message in messages:
             received(message)
@@ -181,7 +179,7 @@ class StreamReadProtocol(asyncio.BufferedProtocol, Generic[T]):
         if batch is not None:
             batch.wrote_since_read = False
             if len(messages) > 1:
-                batch.cork()
+                batch.cork()  # several callers wake up next round: one write for all
         self._listener.frames_done()
 
     def eof_received(self) -> bool | None:
