@@ -322,3 +322,30 @@ async def test_the_pool_keeps_what_the_socket_did_not_take_as_views_and_in_order
     theirs.close()
     assert await asyncio.wait_for(listener.ended, 10) is None
     assert writer.fileno == -1
+
+
+async def test_a_socket_whose_peer_already_left_takes_writes_and_drops_them() -> None:
+    import asyncio
+
+    from corral._stream_transport import StreamingTransport
+
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    lost = loop.create_future()
+
+    class Reader(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.set_result(None)
+
+    transport, _ = await loop.connect_accepted_socket(Reader, ours)
+    theirs.close()  # the peer left during the launch, before the writer was made
+    await asyncio.wait_for(lost, 10)
+    assert transport.get_extra_info("socket").fileno() == -1
+    writer = StreamingTransport(loop, transport, encoder())  # type: ignore[arg-type]
+    assert writer.fileno == -1
+    frame = bytearray()
+    writer._encoder.append(Result(1, np.ones(4096)), frame)
+    writer.write(frame)
+    writer.close()
+    assert writer.waiting == 0

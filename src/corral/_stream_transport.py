@@ -52,8 +52,12 @@ class StreamingTransport:
         self._loop = loop
         self._transport = transport
         self._encoder = encoder
-        self._fd = os.dup(transport.get_extra_info("socket").fileno())
-        os.set_blocking(self._fd, False)
+        fileno = transport.get_extra_info("socket").fileno()
+        if transport.is_closing() or fileno < 0:
+            self._fd = -1  # the peer is already gone: writes are dropped, as on a closed transport
+        else:
+            self._fd = os.dup(fileno)
+            os.set_blocking(self._fd, False)
         self._queue: collections.deque[memoryview] = collections.deque()
         self._watching = False
         self._closing = False
