@@ -57,6 +57,15 @@ async def test_an_idle_worker_imports_nothing_heavy(
     assert _heavy(modules, HEAVY + also_absent) == []
 
 
+async def test_a_forked_worker_imports_no_typing_extensions_either() -> None:
+    # The preload template imports the worker's runtime (asyncio too) before it
+    # forks; msgspec comes in there the way a spawned worker imports it.
+    async with Pool("tests.workers.light:app", size=1, preload=["tests.workers.light"]) as pool:
+        modules = await pool.call("loaded_modules")
+    assert "corral.worker._template" in modules  # it was forked from the template
+    assert _heavy(modules, ("typing_extensions",)) == []
+
+
 async def test_what_an_idle_worker_skipped_still_works_for_user_code() -> None:
     async with Pool("tests.workers.light:app", size=1) as pool:
         # typing_extensions imports as usual, and msgspec reads its names
@@ -115,9 +124,9 @@ def _kind_by_inspect(fn: Callable[..., Any]) -> HandlerKind:
     if inspect.iscoroutinefunction(fn):
         return HandlerKind.ASYNC
     call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects
-    if call is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn):
-        if inspect.isfunction(call) or inspect.ismethod(call):
-            return _kind_by_inspect(call)
+    own_call = not inspect.isfunction(fn) and not inspect.ismethod(fn)
+    if own_call and (inspect.isfunction(call) or inspect.ismethod(call)):
+        return _kind_by_inspect(call)
     return HandlerKind.SYNC
 
 
@@ -241,7 +250,11 @@ HANDLERS: list[Callable[..., Any]] = [
 ]
 
 
-@pytest.mark.parametrize("fn", HANDLERS, ids=lambda fn: getattr(fn, "__name__", repr(fn)))
+@pytest.mark.parametrize(
+    "fn",
+    HANDLERS,
+    ids=[f"{i}-{getattr(fn, '__name__', type(fn).__name__)}" for i, fn in enumerate(HANDLERS)],
+)
 def test_a_handler_is_read_as_inspect_reads_it(fn: Callable[..., Any]) -> None:
     handler = Handler("h", fn)
     assert handler.kind is _kind_by_inspect(fn)

@@ -25,7 +25,8 @@ def typed_dict_with_typing_extensions(raw: bytes) -> dict[str, Any]:
     import msgspec
     import typing_extensions
 
-    Point = typing_extensions.TypedDict(
+    # the functional form: its annotations are objects here, not strings to resolve
+    Point = typing_extensions.TypedDict(  # noqa: UP013
         "Point", {"x": int, "label": typing_extensions.NotRequired[str]}
     )
 

@@ -160,10 +160,11 @@ def _kind_of(fn: Callable[..., Any]) -> HandlerKind:
     if inspect.iscoroutinefunction(fn):
         return HandlerKind.ASYNC
     call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects
-    if call is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn):
-        # an object's own __call__; one written in C (a builtin, a partial) is sync
-        if inspect.isfunction(call) or inspect.ismethod(call):
-            return _kind_of(call)
+    # an object's own __call__ written in Python; one written in C (a builtin, a
+    # partial) is sync
+    own_call = not inspect.isfunction(fn) and not inspect.ismethod(fn)
+    if own_call and (inspect.isfunction(call) or inspect.ismethod(call)):
+        return _kind_of(call)
     return HandlerKind.SYNC
 
 
@@ -171,8 +172,8 @@ def _wants_context(fn: Callable[..., Any]) -> bool:
     if _is_plain(fn):
         code = fn.__code__
         # positional-or-keyword and keyword-only names, as inspect.signature reads them
-        named = code.co_varnames[code.co_posonlyargcount : code.co_argcount + code.co_kwonlyargcount]
-        return "ctx" in named
+        first, end = code.co_posonlyargcount, code.co_argcount + code.co_kwonlyargcount
+        return "ctx" in code.co_varnames[first:end]
     import inspect
 
     try:

@@ -35,11 +35,12 @@ def import_msgspec() -> None:
     on a Python older than 3.11, or if this msgspec cannot do without it.
     """
     if sys.version_info < (3, 11) or "msgspec" in sys.modules or _BLOCKED in sys.modules:
-        import msgspec  # noqa: F401 - an ordinary import
+        import msgspec  # an ordinary import
+
         return
     sys.modules[_BLOCKED] = None  # type: ignore[assignment]  # an import of it raises ImportError
     try:
-        import msgspec  # noqa: F401 - with its fallback
+        import msgspec  # with its fallback
     except ImportError:
         # A msgspec that needs typing_extensions after all: forget what was
         # half-imported and import it the ordinary way below.
@@ -48,7 +49,7 @@ def import_msgspec() -> None:
     finally:
         if _BLOCKED in sys.modules and sys.modules[_BLOCKED] is None:
             del sys.modules[_BLOCKED]
-    import msgspec  # noqa: F401, F811 - loaded above, or now the ordinary way
+    import msgspec  # noqa: F401 - loaded above, or now the ordinary way
 
 
 def trim_heap() -> None:
