@@ -18,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from corral import Pool, RemoteError
 from corral.worker import Context
@@ -256,6 +258,43 @@ HANDLERS: list[Callable[..., Any]] = [
     ids=[f"{i}-{getattr(fn, '__name__', type(fn).__name__)}" for i, fn in enumerate(HANDLERS)],
 )
 def test_a_handler_is_read_as_inspect_reads_it(fn: Callable[..., Any]) -> None:
+    handler = Handler("h", fn)
+    assert handler.kind is _kind_by_inspect(fn)
+    assert handler.wants_context is _wants_context_by_inspect(fn)
+
+
+@st.composite
+def _function_sources(draw: st.DrawFn) -> str:
+    """Source of a function with any layout of parameters, ``ctx`` among them or not."""
+    names = draw(st.lists(st.sampled_from(["a", "b", "ctx", "c"]), unique=True, max_size=4))
+    cuts = sorted(draw(st.lists(st.integers(0, len(names)), min_size=2, max_size=2)))
+    positional_only, ordinary, keyword_only = (
+        names[: cuts[0]],
+        names[cuts[0] : cuts[1]],
+        names[cuts[1] :],
+    )
+    parts = [*positional_only, *(["/"] if positional_only else []), *ordinary]
+    star = draw(st.sampled_from(["", "*args", "*ctx"]))
+    if star and "ctx" in names and star == "*ctx":
+        star = "*args"
+    if star:
+        parts.append(star)
+    elif keyword_only:
+        parts.append("*")
+    parts += keyword_only
+    if draw(st.booleans()) and "ctx" not in names and star != "*ctx":
+        parts.append("**ctx")
+    head = draw(st.sampled_from(["def", "async def"]))
+    body = draw(st.sampled_from(["pass", "yield 1", "local = 1"]))
+    return f"{head} f({', '.join(parts)}):\n    {body}\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(_function_sources())
+def test_any_plain_function_is_read_as_inspect_reads_it(source: str) -> None:
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)  # a generated function
+    fn = namespace["f"]
     handler = Handler("h", fn)
     assert handler.kind is _kind_by_inspect(fn)
     assert handler.wants_context is _wants_context_by_inspect(fn)
