@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +42,25 @@ DEFERRED = ("inspect", "ast", "dis", "tokenize", "logging", "traceback", "lineca
 
 
 def _heavy(modules: list[str], names: tuple[str, ...]) -> list[str]:
-    return [m for m in modules if any(m == n or m.startswith(n + ".") for n in names)]
+    """Those of ``names`` in ``modules`` that a bare interpreter has not loaded
+    itself (3.13 starts with linecache, for one)."""
+    bare = _bare_modules()
+    return [
+        m for m in modules if m not in bare and any(m == n or m.startswith(n + ".") for n in names)
+    ]
+
+
+@functools.cache
+def _bare_modules() -> frozenset[str]:
+    """What ``python -c`` has imported before it runs any code."""
+    listed = subprocess.run(
+        [sys.executable, "-c", "import sys; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return frozenset(listed.stdout.split())
 
 
 @pytest.mark.parametrize(
