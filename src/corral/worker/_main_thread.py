@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 import os
 import select
 import threading
@@ -629,6 +628,8 @@ class MainThreadRuntime:
         """Run lifecycle hooks in order: sync ones here, on the thread of the sync
         handlers; async ones on the loop thread, waited for."""
         for hook in hooks:
+            import inspect  # only with hooks: an idle worker without them never loads it
+
             if inspect.iscoroutinefunction(hook):
                 outcome = hook(*args)
             else:
