@@ -240,9 +240,8 @@ async def main_async(args: argparse.Namespace) -> None:
                         continue
                     if label == "64 MiB compressible ndarray" and not name.startswith("corral"):
                         continue
-                    figures.setdefault((label, name), []).append(
-                        await round_trips(call, value, big_n)
-                    )
+                    n = 1 if tcp and args.quick else big_n
+                    figures.setdefault((label, name), []).append(await round_trips(call, value, n))
                 if tcp:
                     continue
                 if name != "anyio.to_process":

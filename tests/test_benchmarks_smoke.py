@@ -168,6 +168,7 @@ def test_the_node_loss_run_explains_itself_and_refuses_a_bad_schedule() -> None:
     assert "'8:explode' is not SECONDS:remove or SECONDS:add" in refused.stderr
 
 
+@pytest.mark.timeout(400)  # 64 MiB echoes, the TCP ones inline among them
 def test_the_array_benchmark_prints_every_figure_and_ratio() -> None:
     pytest.importorskip("numpy")
     pytest.importorskip("pyarrow")
