@@ -173,6 +173,7 @@ def test_pandas_frames_with_a_named_index_cross_the_large_path(path: str) -> Non
             )
             frame.index = pd.Index([3 * k for k in range(len(frame))], name=str(index_name))
             series = pd.Series(frame["i"].to_numpy(), index=frame.index, name="i")
+            assert ipc_size(pa.Table.from_pandas(frame)) > THRESHOLD  # out of the frame
             back_frame, back_series = runner.run(pool.call("echo", [frame, series]))
             pd.testing.assert_frame_equal(back_frame, frame, check_dtype=False)  # str dtype
             assert back_frame.index.name == str(index_name)
