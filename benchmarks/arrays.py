@@ -14,7 +14,12 @@ Default settings, except ``max_message_size`` (256 MiB, for the table).
   corral against pickling it through ``ProcessPoolExecutor``;
 - 1 KiB arrays against 1 KiB ``bytes`` per call, through corral;
 - the peak of /dev/shm that corral's segments use under 64 concurrent 4 MiB
-  array echoes.
+  array echoes;
+- the 64 MiB float64 array (random, and compressible: whole numbers 0..100)
+  echoed to a worker over TCP on loopback (``SubprocessShimLauncher``): with its
+  buffer inline in the frame (``large_buffer_threshold=None``, how every array
+  crossed TCP before streamed buffers), streamed after the frame, and streamed
+  with lz4 and zstd compression.
 
 Every rate is given twice: against wall time, and against the CPU time that
 this process and its children spent (``psutil``), which stays meaningful when
@@ -93,11 +98,38 @@ async def anyio_system() -> AsyncIterator[Call]:
     yield call
 
 
+def tcp_system(**options: Any) -> Callable[[], contextlib.AbstractAsyncContextManager[Call]]:
+    """A one-worker corral pool whose worker reaches it over TCP (loopback)."""
+
+    @contextlib.asynccontextmanager
+    async def system() -> AsyncIterator[Call]:
+        import corral
+        from corral._launch._socket_launcher import SubprocessShimLauncher
+
+        async with corral.Pool(
+            "benchmarks.array_app:app",
+            size=1,
+            launcher=SubprocessShimLauncher(),
+            max_message_size=256 * MIB,
+            **options,
+        ) as pool:
+            yield pool.call
+
+    return system
+
+
 SYSTEMS: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Call]]] = {
     "corral": corral_system,
     "ProcessPoolExecutor": executor_system,
     "anyio.to_process": anyio_system,
+    "corral-tcp-inline": tcp_system(large_buffer_threshold=None),
+    "corral-tcp": tcp_system(),
+    "corral-tcp-lz4": tcp_system(compression="lz4"),
+    "corral-tcp-zstd": tcp_system(compression="zstd"),
 }
+#: What the TCP systems echo (the rest is the local paths' business).
+TCP_PAYLOADS = ("64 MiB float64 ndarray", "64 MiB compressible ndarray")
+_CODEC_MODULES = {"corral-tcp-lz4": "lz4", "corral-tcp-zstd": "zstandard"}
 
 
 async def round_trips(call: Call, value: Any, n: int) -> tuple[float, float]:
@@ -189,6 +221,8 @@ async def main_async(args: argparse.Namespace) -> None:
     payloads: dict[str, Any] = {
         "64 MiB bytes": os.urandom(big),
         "64 MiB float64 ndarray": np.random.default_rng(1).random(big // 8),
+        # Whole numbers as float64 (counts, ratings): lz4 keeps 37%, zstd 17%.
+        "64 MiB compressible ndarray": np.round(np.random.default_rng(2).random(big // 8) * 100),
     }
     table = make_table(rows)
     table_bytes = table.nbytes
@@ -197,11 +231,19 @@ async def main_async(args: argparse.Namespace) -> None:
         for name, system in SYSTEMS.items():
             if name == "anyio.to_process" and not _has("anyio"):
                 continue
+            if name in _CODEC_MODULES and not _has(_CODEC_MODULES[name]):
+                continue
+            tcp = name.startswith("corral-tcp")
             async with system() as call:
                 for label, value in payloads.items():
-                    figures.setdefault((label, name), []).append(
-                        await round_trips(call, value, big_n)
-                    )
+                    if tcp and label not in TCP_PAYLOADS:
+                        continue
+                    if label == "64 MiB compressible ndarray" and not name.startswith("corral"):
+                        continue
+                    n = 1 if tcp and args.quick else big_n
+                    figures.setdefault((label, name), []).append(await round_trips(call, value, n))
+                if tcp:
+                    continue
                 if name != "anyio.to_process":
                     label = f"Arrow table {rows:,} x 10"
                     figures.setdefault((label, name), []).append(
@@ -240,6 +282,14 @@ async def main_async(args: argparse.Namespace) -> None:
                 w = _ratio(medians[(label, other)][0], medians[(label, "corral")][0], ".1f")
                 c = _ratio(medians[(label, other)][1], medians[(label, "corral")][1], ".1f")
                 print(f"{label}: corral is {w}x {other} (wall), {c}x (CPU)")
+    for label in TCP_PAYLOADS:
+        before = medians.get((label, "corral-tcp-inline"))
+        for name in ("corral-tcp", "corral-tcp-lz4", "corral-tcp-zstd"):
+            after = medians.get((label, name))
+            if before is not None and after is not None:
+                w = _ratio(before[0], after[0], ".2f")
+                c = _ratio(before[1], after[1], ".2f")
+                print(f"{label} over TCP: {name} is {w}x inline (wall), {c}x (CPU)")
     a, b = medians[("1 KiB ndarray", "corral")], medians[("1 KiB bytes", "corral")]
     print(
         f"1 KiB ndarray / 1 KiB bytes per call: {_ratio(a[0], b[0], '.2f')}x (wall), "

@@ -168,6 +168,7 @@ def test_the_node_loss_run_explains_itself_and_refuses_a_bad_schedule() -> None:
     assert "'8:explode' is not SECONDS:remove or SECONDS:add" in refused.stderr
 
 
+@pytest.mark.timeout(400)  # 64 MiB echoes, the TCP ones inline among them
 def test_the_array_benchmark_prints_every_figure_and_ratio() -> None:
     pytest.importorskip("numpy")
     pytest.importorskip("pyarrow")
@@ -183,6 +184,7 @@ def test_the_array_benchmark_prints_every_figure_and_ratio() -> None:
         assert figure in run.stdout
     assert "corral is" in run.stdout and "x ProcessPoolExecutor" in run.stdout
     assert "peak of corral's named segments" in run.stdout
+    assert "64 MiB float64 ndarray over TCP: corral-tcp is" in run.stdout
 
 
 def test_idle_memory_says_when_corral_runs_without_compiled_bytecode(

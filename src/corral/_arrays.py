@@ -29,10 +29,12 @@ from ._errors import ProtocolError
 
 if TYPE_CHECKING:
     from ._shm import LargeBuffers
+    from ._streamed import StreamedBuffers
 
 __all__ = ["ARRAY_EXT", "ARROW_EXT", "PANDAS_EXT", "ArrayCodec", "OverLimit"]
 
 LARGE_BUFFER_EXT = 1  # corral._shm.LARGE_BUFFER_EXT (a segment reference)
+STREAMED_BUFFER_EXT = 5  # corral._streamed.STREAMED_BUFFER_EXT (a buffer after the frame)
 ARRAY_EXT = 2
 ARROW_EXT = 3
 PANDAS_EXT = 4
@@ -50,8 +52,8 @@ class OverLimit(Exception):
 
 
 def _reference(code: int, data: memoryview) -> Any:
-    """The payload of a nested extension: only segment references may appear."""
-    if code != LARGE_BUFFER_EXT:
+    """The payload of a nested extension: only buffer references may appear."""
+    if code != LARGE_BUFFER_EXT and code != STREAMED_BUFFER_EXT:
         raise ProtocolError(f"unexpected extension type {code} inside an array or table")
     return msgspec.msgpack.Ext(code, bytes(data))
 
@@ -65,12 +67,15 @@ class ArrayCodec:
     ``start()`` before each message; the segments written for it are in
     ``written`` (with ``total`` bytes) until ``discard()`` unlinks them or the
     next ``start()`` forgets them (the frame was sent: the receiver owns them).
+    With ``stream`` (a TCP connection, ``_streamed``), large buffers follow the
+    frame instead.
     """
 
-    __slots__ = ("_encoders", "large", "limit", "total", "written")
+    __slots__ = ("_encoders", "large", "limit", "stream", "total", "written")
 
     def __init__(self, large: LargeBuffers | None, limit: int) -> None:
         self.large = large
+        self.stream: StreamedBuffers | None = None
         self.limit = limit
         self.written: list[str] = []
         self.total = 0
@@ -120,6 +125,15 @@ class ArrayCodec:
         """``raw`` as it goes in a payload: inline (bin), or a segment reference (ext 1)."""
         large = self.large
         size = raw.nbytes
+        stream = self.stream
+        if stream is not None and size > stream.threshold:
+            self.total += size
+            if self.total > self.limit:
+                raise OverLimit(
+                    f"message with {self.total} bytes of buffers is over the limit of "
+                    f"{self.limit} bytes"
+                )
+            return stream.add(raw)
         if large is None or size <= large.threshold:
             return raw
         self.total += size
@@ -228,6 +242,12 @@ class ArrayCodec:
         """A writable buffer of the value's bytes: a copy of inline ones, a mapping of a segment."""
         if isinstance(buffer, bytes):
             return bytearray(buffer), 0
+        if isinstance(buffer, msgspec.msgpack.Ext) and buffer.code == STREAMED_BUFFER_EXT:
+            if self.stream is None:
+                raise ProtocolError("streamed buffer reference on a connection without them")
+            return self.stream.take(
+                bytes(buffer.data)
+            ), 0  # counted when its frame's table was read
         if isinstance(buffer, msgspec.msgpack.Ext) and self.large is not None:
             mapping, size = self.large.map(bytes(buffer.data), budget)
             return mapping, size

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._compression import check_compression
 from ._door import check_count, check_seconds, check_timeout
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE, MAX_POSSIBLE_SIZE
 
@@ -71,6 +72,12 @@ class PoolConfig:
     #: /dev/shm instead of the pipes; they still count against max_message_size.
     #: None or 0 keeps everything on the pipes.
     large_buffer_threshold: int | None = DEFAULT_LARGE_BUFFER_THRESHOLD
+    #: Workers that reach the pool over TCP (``SubprocessShimLauncher``, Ray):
+    #: compress the streamed buffers of arrays and tables (those over
+    #: ``large_buffer_threshold``, and of at least 64 KiB) with ``"lz4"``
+    #: (``corral[lz4]``) or ``"zstd"`` (``corral[zstd]``), both ways. Pipes and
+    #: shared memory are never compressed. None: no compression.
+    compression: str | None = None
     #: Callers allowed to wait for a worker; past it, PoolOverloaded. None: no bound.
     max_waiting: int | None = None
     #: How long a plain call or stream may wait for a worker before it is refused
@@ -130,6 +137,7 @@ class PoolConfig:
         if self.max_message_size > MAX_POSSIBLE_SIZE:
             raise ValueError(f"max_message_size must be in 1..{MAX_POSSIBLE_SIZE}")
         check_count(self.large_buffer_threshold, "large_buffer_threshold", optional=True)
+        check_compression(self.compression)
         check_count(self.max_waiting, "max_waiting", optional=True)
         check_count(self.max_restarts, "max_restarts")
         check_count(self.stream_window, "stream_window", minimum=1)

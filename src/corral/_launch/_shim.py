@@ -36,7 +36,9 @@ from typing import Any
 
 import msgspec
 
+from .._compression import check_compression
 from .._framing import FrameDecoder, FrameEncoder
+from .._streamed import WIRE_PLAIN, WIRE_STREAMED
 from ._handshake import HandshakeError, ListenerBusy, Role, client_handshake
 from ._spawn import shepherd_command
 from ._spec import WorkerSpec
@@ -85,6 +87,12 @@ class ShimOrder(msgspec.Struct, frozen=True):
     max_message_size: int = 0
     single_threaded_math: bool = True
     connect_timeout: float = 30.0
+    # Streamed buffers (``corral._streamed``): array buffers over this many
+    # bytes follow their frame (0: inline, as a shim that does not know this
+    # field does), compressed with ``compression``. The shim answers with
+    # ``ShimStarted.wire``: what the worker it started speaks.
+    stream_threshold: int = 0
+    compression: str | None = None
 
 
 # --- the supervision channel: shim <-> pool, after the handshake ------------------
@@ -99,13 +107,16 @@ class ShimStarted(_ShimMsg, tag=1, frozen=True):
 
     ``node_id`` is the placing system's id of the node (Ray's node id), else the
     host name; ``node_address`` the node's address (the one the shim connected
-    from, unless the placing system says).
+    from, unless the placing system says). ``wire``: 2 if the worker streams
+    buffers after their frames (``corral._streamed``) and reads them so, 1 if
+    it knows only plain frames (what a shim too old to say anything means).
     """
 
     pid: int
     host: str
     node_id: str = ""
     node_address: str = ""
+    wire: int = WIRE_PLAIN
 
 
 class ShimStderr(_ShimMsg, tag=2, frozen=True):
@@ -214,6 +225,8 @@ def _start_worker(
         max_message_size=order.max_message_size,
         env_allowlist=order.env_allowlist,
         single_threaded_math=order.single_threaded_math,
+        stream_threshold=order.stream_threshold,
+        compression=order.compression,
     )
     for sock in (data, control):
         sock.settimeout(None)  # the worker expects blocking descriptors
@@ -282,13 +295,14 @@ def run_shim(
     encoder = FrameEncoder(_SUPERVISION_LIMIT)
     try:
         try:
+            check_compression(order.compression)  # its package must be here too
             proc, lifeline = _start_worker(order, data, control)
         finally:
             # Only the worker holds the protocol sockets from here: when it dies,
             # the pool sees them close.
             data.close()
             control.close()
-    except OSError as exc:
+    except (OSError, ImportError, ValueError, TypeError) as exc:
         with contextlib.suppress(OSError):
             supervision.sendall(encoder.encode(ShimFailed(f"cannot start the worker: {exc}")))
         supervision.close()
@@ -300,7 +314,10 @@ def run_shim(
         local_address = str(supervision.getsockname()[0])
     except OSError:
         local_address = ""
-    supervisor.send(ShimStarted(proc.pid, host, node_id or host, node_address or local_address))
+    wire = WIRE_STREAMED if order.stream_threshold else WIRE_PLAIN
+    supervisor.send(
+        ShimStarted(proc.pid, host, node_id or host, node_address or local_address, wire)
+    )
     return supervisor.run()
 
 

@@ -37,6 +37,8 @@ from .._errors import PlacementError, ProtocolError, WorkerStartError
 from .._framing import FrameDecoder, FrameEncoder
 from .._log import get_logger
 from .._messages import ParentBound
+from .._stream_transport import StreamingTransport, StreamReadProtocol
+from .._streamed import WIRE_STREAMED, StreamFrameDecoder, StreamFrameEncoder
 from .._transport import FrameWriter, _ReadProtocol, tick_batch
 from ._handshake import (
     KNOCK_SIZE,
@@ -319,6 +321,7 @@ class RemoteWorker:
         self.node_id: str | None = None  # where it runs, once the shim said
         self.node_address: str | None = None
         self.connection: SocketConnection
+        self._encoder: StreamFrameEncoder | None = None  # streams once the shim says it can
         self._events = events
         self._kill_timeout = kill_timeout
         self._on_close = on_close
@@ -343,8 +346,20 @@ class RemoteWorker:
     async def attach(self, sockets: dict[Role, socket.socket]) -> None:
         """Take over the authenticated sockets; the worker owns them from here."""
         loop = self._loop
-        encoder = FrameEncoder(self.spec.max_message_size)
-        decoder: FrameDecoder[Any] = FrameDecoder(ParentBound, self.spec.max_message_size)  # type: ignore[arg-type]
+        size = self.spec.max_message_size
+        # Large buffers follow their frames (``_streamed``) when the pool's
+        # threshold asks for it; the encoder streams only once the shim says
+        # the worker reads them (``ShimStarted.wire``), the decoder reads both.
+        streamed = bool(self.spec.large_buffer_threshold)
+        encoder = StreamFrameEncoder(size) if streamed else FrameEncoder(size)
+        read: Callable[[], asyncio.BaseProtocol]
+        if streamed:
+            self._encoder = encoder  # type: ignore[assignment]
+            stream_decoder: StreamFrameDecoder[Any] = StreamFrameDecoder(ParentBound, size)  # type: ignore[arg-type]
+            read = lambda: StreamReadProtocol(stream_decoder, self._events, tick_batch(loop))  # noqa: E731
+        else:
+            decoder: FrameDecoder[Any] = FrameDecoder(ParentBound, size)  # type: ignore[arg-type]
+            read = lambda: _ReadProtocol(decoder, self._events, tick_batch(loop))  # noqa: E731
         owned = dict(sockets)
         opened: list[asyncio.BaseTransport] = []
         try:
@@ -354,9 +369,7 @@ class RemoteWorker:
             del owned[Role.SUPERVISION]  # the transport owns it from here
             self._supervision = supervision
             opened.append(supervision)
-            data, _ = await loop.connect_accepted_socket(
-                lambda: _ReadProtocol(decoder, self._events, tick_batch(loop)), owned[Role.DATA]
-            )
+            data, _ = await loop.connect_accepted_socket(read, owned[Role.DATA])
             del owned[Role.DATA]
             opened.append(data)
             control, _ = await loop.connect_accepted_socket(_SinkProtocol, owned[Role.CONTROL])
@@ -368,10 +381,19 @@ class RemoteWorker:
             for sock in owned.values():
                 sock.close()
             raise
+        data_out: Any = data
+        extra: tuple[int, ...] = ()
+        if self._encoder is not None:
+            data_out = StreamingTransport(loop, data, self._encoder)
+            extra = (data_out.fileno,)
         self.connection = SocketConnection(
-            FrameWriter(loop, data, encoder), FrameWriter(loop, control, encoder)
+            FrameWriter(loop, data_out, encoder),
+            FrameWriter(loop, control, FrameEncoder(size)),  # Ping and Cancel: always plain
         )
-        self._fds = tuple(t.get_extra_info("socket").fileno() for t in (supervision, data, control))
+        self._fds = (
+            *(t.get_extra_info("socket").fileno() for t in (supervision, data, control)),
+            *extra,
+        )
 
     # --- what the shim says ---------------------------------------------------
 
@@ -384,6 +406,7 @@ class RemoteWorker:
             self.node_id = message.node_id or message.host
             self.node_address = message.node_address or None
             self._log = self._log.bind(node_id=self.node_id, node_address=self.node_address)
+            self._negotiate(message.wire)
             if not self.started.done():
                 self.started.set_result(None)
         elif isinstance(message, ShimExited):
@@ -456,6 +479,20 @@ class RemoteWorker:
             if timer is not None:
                 timer.cancel()
         self._kill_timer = self._end_timer = None
+
+    def _negotiate(self, wire: int) -> None:
+        """Stream buffers to a worker that said it reads them; inline to an older one."""
+        encoder = self._encoder
+        if encoder is None or encoder.streaming:
+            return
+        if wire >= WIRE_STREAMED:
+            encoder.enable(self.spec.large_buffer_threshold, self.spec.compression)
+        elif self.spec.compression:
+            self._log.warning(
+                "worker.no_streamed_buffers",
+                detail="its corral sends buffers inline: compression is off for it",
+                compression=self.spec.compression,
+            )
 
     # --- LaunchedWorker ---------------------------------------------------------
 
@@ -564,6 +601,8 @@ class ShimLauncher(NothingHeld):
             max_message_size=spec.max_message_size,
             single_threaded_math=spec.single_threaded_math,
             connect_timeout=self.handshake_timeout,
+            stream_threshold=spec.large_buffer_threshold,
+            compression=spec.compression,
         )
 
     def _placement_ended(

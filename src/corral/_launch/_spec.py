@@ -57,6 +57,11 @@ class WorkerSpec:
     # segments named ``shm_prefix...``; 0 keeps everything on the pipes.
     large_buffer_threshold: int = 0
     shm_prefix: str = ""
+    # Over TCP (``_streamed``): buffers over ``stream_threshold`` follow their
+    # frame (0: inline), compressed with ``compression`` (None: not at all).
+    # Set by the shim for the worker it starts; ``compression`` by the pool.
+    stream_threshold: int = 0
+    compression: str | None = None
 
     def command(self, read_fd: int, write_fd: int, control_fd: int) -> list[str]:
         """The worker's argv (without the shepherd in front)."""
@@ -84,6 +89,10 @@ class WorkerSpec:
             if self.large_buffer_threshold
             else []
         )
+        if self.stream_threshold:
+            large += ["--stream-threshold", str(self.stream_threshold)]
+            if self.compression:
+                large += ["--compression", self.compression]
         return [
             "--worker-id",
             self.worker_id,

@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE)
     parser.add_argument("--large-buffer-threshold", type=int, default=0)
     parser.add_argument("--shm-prefix", default="")
+    parser.add_argument("--stream-threshold", type=int, default=0)
+    parser.add_argument("--compression", default=None)
     return parser
 
 
@@ -114,6 +116,8 @@ _OPTIONS = {
     "--max-message-size": int,
     "--large-buffer-threshold": int,
     "--shm-prefix": str,
+    "--stream-threshold": int,
+    "--compression": str,
 }
 
 
@@ -130,6 +134,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace | SimpleNamespace:
         "max_message_size": DEFAULT_MAX_MESSAGE_SIZE,
         "large_buffer_threshold": 0,
         "shm_prefix": "",
+        "stream_threshold": 0,
+        "compression": None,
     }
     rest = list(argv)
     try:
@@ -183,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     large = None
     if args.large_buffer_threshold > 0:
         large = LargeBuffers(args.shm_prefix, args.large_buffer_threshold, "w")
+    stream = None
+    if args.stream_threshold > 0:  # a socket to the pool: buffers follow their frames
+        stream = (args.stream_threshold, args.compression)
     _lean.trim_heap()  # what start-up freed goes back to the system, not kept idle
     if app.sync_mode == "thread":  # sync handlers on a thread of their own: the loop reads
         import asyncio
@@ -191,14 +200,28 @@ def main(argv: list[str] | None = None) -> None:
 
         code = asyncio.run(
             serve_on_loop(
-                app, args.worker_id, read_fd, write_fd, args.max_message_size, control_fd, large
+                app,
+                args.worker_id,
+                read_fd,
+                write_fd,
+                args.max_message_size,
+                control_fd,
+                large,
+                stream,
             )
         )
     else:  # the main thread reads and runs sync handlers; async code gets a loop thread
         from ._main_thread import serve
 
         code = serve(
-            app, args.worker_id, read_fd, write_fd, args.max_message_size, control_fd, large
+            app,
+            args.worker_id,
+            read_fd,
+            write_fd,
+            args.max_message_size,
+            control_fd,
+            large,
+            stream,
         )
     sys.stdout.flush()
     sys.stderr.flush()

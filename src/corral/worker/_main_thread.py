@@ -677,16 +677,27 @@ def serve(
     max_message_size: int,
     control_fd: int | None = None,
     large_buffers: LargeBuffers | None = None,
+    stream: tuple[int, str | None] | None = None,
 ) -> int:
     """Run the worker until told to stop; returns the process exit code.
 
     With ``large_buffers``, arguments and results over its threshold travel
-    through shared-memory segments (``corral._shm``).
+    through shared-memory segments (``corral._shm``); with ``stream``
+    (threshold, compression), over a socket, after their frames
+    (``corral._streamed``), read straight into the values' memory.
     """
-    encoder = FrameEncoder(max_message_size, large_buffers)
-    writer = BlockingFrameWriter(write_fd, encoder)
     os.set_blocking(read_fd, True)
-    decoder: FrameDecoder[Any] = FrameDecoder(WorkerBound, max_message_size, large_buffers)  # type: ignore[arg-type]
+    if stream is None:
+        encoder = FrameEncoder(max_message_size, large_buffers)
+        writer = BlockingFrameWriter(write_fd, encoder)
+        decoder: FrameDecoder[Any] = FrameDecoder(WorkerBound, max_message_size, large_buffers)  # type: ignore[arg-type]
+    else:
+        from .._streamed import StreamFrameDecoder, StreamFrameEncoder, StreamingBlockingWriter
+
+        encoder = streaming = StreamFrameEncoder(max_message_size)
+        streaming.enable(*stream)
+        writer = StreamingBlockingWriter(write_fd, streaming)
+        decoder = StreamFrameDecoder(WorkerBound, max_message_size, fd=read_fd)  # type: ignore[arg-type]
     runtime = MainThreadRuntime(app, worker_id, read_fd, writer, encoder, decoder)
     if control_fd is not None:
         threading.Thread(

@@ -604,21 +604,30 @@ async def serve(
     max_message_size: int,
     control_fd: int | None = None,
     large_buffers: LargeBuffers | None = None,
+    stream: tuple[int, str | None] | None = None,
 ) -> int:
     """Run the worker until told to stop; returns the process exit code.
 
     With ``large_buffers``, arguments and results over its threshold travel
-    through shared-memory segments (``corral._shm``).
+    through shared-memory segments (``corral._shm``); with ``stream``
+    (threshold, compression), over a socket, after their frames
+    (``corral._streamed``).
     """
     log = get_logger("corral.worker").bind(worker_id=worker_id, pid=os.getpid())
-    encoder = FrameEncoder(max_message_size, large_buffers)
-    writer = BlockingFrameWriter(write_fd, encoder)
+    if stream is None:
+        encoder = FrameEncoder(max_message_size, large_buffers)
+        writer = BlockingFrameWriter(write_fd, encoder)
+        decoder: FrameDecoder[Any] = FrameDecoder(WorkerBound, max_message_size, large_buffers)  # type: ignore[arg-type]
+    else:
+        from .._streamed import StreamFrameDecoder, StreamFrameEncoder, StreamingBlockingWriter
+
+        encoder = streaming = StreamFrameEncoder(max_message_size)
+        streaming.enable(*stream)
+        writer = StreamingBlockingWriter(write_fd, streaming)
+        # The loop reads this socket: buffers are copied from its reads, once.
+        decoder = StreamFrameDecoder(WorkerBound, max_message_size)  # type: ignore[arg-type]
     runtime = WorkerRuntime(app, worker_id, writer, encoder)
-    reader = await open_frame_reader(
-        read_fd,
-        runtime,
-        FrameDecoder(WorkerBound, max_message_size, large_buffers),  # type: ignore[arg-type]
-    )
+    reader = await open_frame_reader(read_fd, runtime, decoder)
     if control_fd is not None:
         threading.Thread(
             target=runtime.control_loop,
