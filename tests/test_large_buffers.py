@@ -466,3 +466,90 @@ def test_large_buffer_threshold_is_validated() -> None:
     with pytest.raises(ValueError, match="large_buffer_threshold"):
         corral.PoolConfig(large_buffer_threshold=-1)
     assert corral.PoolConfig(large_buffer_threshold=None).large_buffer_threshold is None
+
+
+# --- large bytes as views (large_bytes="memoryview") -----------------------------------
+
+VIEWS = {"large_buffer_threshold": THRESHOLD, "large_bytes": "memoryview"}
+
+
+def mapped(prefix: str) -> list[str]:
+    """Segments under ``prefix`` this process still maps."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if prefix in line]
+
+
+async def test_opted_in_large_bytes_arrive_as_read_only_views_on_both_sides() -> None:
+    async with Pool(TARGET, size=1, **VIEWS) as pool:
+        big, small = pattern(THRESHOLD * 4), pattern(THRESHOLD)
+        # the handler's argument
+        assert await pool.call("describe", big) == ["memoryview", True, big]
+        assert await pool.call("describe", small) == ["bytes", True, small]
+        # the caller's result, and a view sent back as it came
+        result = await pool.call("make", THRESHOLD * 4)
+        assert type(result) is memoryview and result.readonly and result.format == "B"
+        assert result == big and bytes(result) == big and hash(result) == hash(big)
+        assert await pool.call("echo", result) == big
+        assert type(await pool.call("make", THRESHOLD)) is bytes
+        nested = await pool.call("make", THRESHOLD * 4, nested=True)
+        assert type(nested["outer"][1][1]) is memoryview
+        items = [item async for item in pool.stream("chunks", 3, THRESHOLD * 2)]
+        assert [type(i) for i in items] == [memoryview] * 3
+        assert [bytes(i) for i in items] == [pattern(THRESHOLD * 2 + i) for i in range(3)]
+        del result, nested, items
+        assert segments(pool._shm_prefix) == []
+
+
+async def test_without_the_opt_in_large_bytes_still_arrive_as_bytes() -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+        assert type(await pool.call("make", THRESHOLD * 4)) is bytes
+        assert (await pool.call("describe", pattern(THRESHOLD * 4)))[0] == "bytes"
+
+
+def test_a_received_view_outlives_its_call_its_worker_and_its_pool() -> None:
+    async def main() -> tuple[list[Any], str]:
+        pool = Pool(TARGET, size=1, max_requests=2, **VIEWS)
+        await pool.start()
+        prefix = pool._shm_prefix
+        first = await pool.call("make", THRESHOLD * 64)
+        second = await pool.call("make", THRESHOLD * 65)  # the worker is recycled after it
+        await pool.wait_ready(timeout=30)
+        third = await pool.call("make", THRESHOLD * 66)
+        await pool.aclose()
+        return [first, second, third], prefix
+
+    held, prefix = asyncio.run(main())
+    assert [type(v) for v in held] == [memoryview] * 3
+    assert [bytes(v) for v in held] == [pattern(THRESHOLD * k) for k in (64, 65, 66)]
+    assert segments(prefix, pooled=True) == []  # every name is gone: the views hold the pages
+    assert mapped(prefix) != []
+    view = held[1][10:20]  # a slice keeps the pages too
+    del held
+    assert mapped(prefix) != []
+    assert bytes(view) == pattern(THRESHOLD * 65)[10:20]
+    del view
+    assert mapped(prefix) == []
+
+
+async def test_a_held_view_is_never_overwritten_by_later_results() -> None:
+    async with Pool(TARGET, size=1, **VIEWS) as pool:
+        held = [await pool.call("echo", bytes([k]) * (THRESHOLD * 32)) for k in range(8)]
+        assert [bytes(v) == bytes([k]) * (THRESHOLD * 32) for k, v in enumerate(held)] == [True] * 8
+        assert len(segments(pool.workers[0].spec.shm_prefix, pooled=True)) <= 8
+
+
+async def test_a_worker_killed_after_sending_a_view_argument_back_leaves_no_segment() -> None:
+    async with Pool(TARGET, size=1, **VIEWS) as pool:
+        prefix = pool.workers[0].spec.shm_prefix
+        with pytest.raises(corral.WorkerCrashed):
+            await pool.call("die_while_writing", THRESHOLD * 64)
+        assert segments(prefix, pooled=True) == []
+        await pool.wait_ready(timeout=30)
+        assert await pool.call("echo", pattern(THRESHOLD * 8)) == pattern(THRESHOLD * 8)
+
+
+def test_large_bytes_is_validated() -> None:
+    with pytest.raises(ValueError, match="large_bytes"):
+        corral.PoolConfig(large_bytes="view")  # type: ignore[arg-type]
+    assert corral.PoolConfig().large_bytes == "bytes"
+    assert corral.PoolConfig(large_bytes="memoryview").large_bytes == "memoryview"

@@ -11,7 +11,7 @@ import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ._door import check_count, check_seconds, check_timeout
 from ._framing import DEFAULT_MAX_MESSAGE_SIZE, MAX_POSSIBLE_SIZE
@@ -71,6 +71,13 @@ class PoolConfig:
     #: /dev/shm instead of the pipes; they still count against max_message_size.
     #: None or 0 keeps everything on the pipes.
     large_buffer_threshold: int | None = DEFAULT_LARGE_BUFFER_THRESHOLD
+    #: What a ``bytes`` value that came through shared memory arrives as, in a
+    #: handler's arguments and in call and stream results: ``"bytes"`` (a copy,
+    #: the same type as a small one) or ``"memoryview"`` (a read-only view of the
+    #: segment, no copy, valid for as long as it is referenced). Values under
+    #: the threshold, or on the pipes, arrive as ``bytes`` either way.
+    #: See docs/decisions/0031.
+    large_bytes: Literal["bytes", "memoryview"] = "bytes"
     #: Callers allowed to wait for a worker; past it, PoolOverloaded. None: no bound.
     max_waiting: int | None = None
     #: How long a plain call or stream may wait for a worker before it is refused
@@ -130,6 +137,10 @@ class PoolConfig:
         if self.max_message_size > MAX_POSSIBLE_SIZE:
             raise ValueError(f"max_message_size must be in 1..{MAX_POSSIBLE_SIZE}")
         check_count(self.large_buffer_threshold, "large_buffer_threshold", optional=True)
+        if self.large_bytes not in ("bytes", "memoryview"):
+            raise ValueError(
+                f"large_bytes must be 'bytes' or 'memoryview', got {self.large_bytes!r}"
+            )
         check_count(self.max_waiting, "max_waiting", optional=True)
         check_count(self.max_restarts, "max_restarts")
         check_count(self.stream_window, "stream_window", minimum=1)

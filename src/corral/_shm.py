@@ -311,9 +311,26 @@ class LargeBuffers:
     ``threshold`` bytes go out of band.
     """
 
-    __slots__ = ("_counter", "_warned", "directory", "origin", "pool", "prefix", "threshold")
+    __slots__ = (
+        "_counter",
+        "_warned",
+        "directory",
+        "origin",
+        "pool",
+        "prefix",
+        "threshold",
+        "views",
+    )
 
-    def __init__(self, prefix: str, threshold: int, origin: str, directory: str = SHM_DIR) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        threshold: int,
+        origin: str,
+        directory: str = SHM_DIR,
+        *,
+        views: bool = False,
+    ) -> None:
         _check_prefix(prefix)
         if threshold < 1:
             raise ValueError(f"threshold must be >= 1, got {threshold}")
@@ -323,6 +340,7 @@ class LargeBuffers:
         self.threshold = threshold
         self.origin = origin
         self.directory = directory
+        self.views = views
         self._counter = 0
         self._warned = False
         self.pool = SegmentPool(prefix + origin, directory)
@@ -453,8 +471,13 @@ class LargeBuffers:
 
     # --- receiving ------------------------------------------------------------------
 
-    def load(self, data: bytes, budget: int) -> bytes:
-        """Read the segment a reference names, unlink it, and return its bytes.
+    def load(self, data: bytes, budget: int) -> bytes | memoryview:
+        """The bytes of the segment a reference names, which is unlinked.
+
+        A copy (``bytes``), or with ``views`` a read-only ``memoryview`` of a
+        shared mapping of the segment: no copy, and the mapping, its descriptor
+        and the shared lock that keeps a pooled segment from being written
+        again live exactly as long as the view (and any slice of it) does.
 
         Raises LostSegment if it is missing, ProtocolError for a malformed
         reference, a name outside this worker's prefix, a segment smaller than
@@ -462,7 +485,11 @@ class LargeBuffers:
         """
         fd, size, name = self._open(data, budget)
         try:
-            return _read_all(fd, size, name)
+            if not self.views or size == 0:
+                return _read_all(fd, size, name)
+            mapping = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            _populate(mapping, _MADV_POPULATE_READ)
+            return memoryview(mapping)
         finally:
             os.close(fd)
 

@@ -180,6 +180,7 @@ class Supervisor:
             large_buffer_threshold=cfg.large_buffer_threshold or 0,
             # No prefix when the path is off: nothing to unlink when the worker ends.
             shm_prefix=f"{self._shm_prefix}{number}-" if cfg.large_buffer_threshold else "",
+            large_bytes_views=cfg.large_bytes == "memoryview",
         )
         worker = WorkerHandle(
             spec,

@@ -78,3 +78,10 @@ def die_while_writing(size: int) -> bytes:
 def make_many(n: int, size: int) -> list[bytes]:
     """A list of ``n`` buffers of ``size`` bytes: each under the threshold or not."""
     return [pattern(size) for _ in range(n)]
+
+
+@app.handler
+def describe(value) -> list:
+    """What the handler received: its type's name, whether it is read-only, its bytes."""
+    readonly = value.readonly if isinstance(value, memoryview) else isinstance(value, bytes)
+    return [type(value).__name__, readonly, bytes(value)]

@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE)
     parser.add_argument("--large-buffer-threshold", type=int, default=0)
     parser.add_argument("--shm-prefix", default="")
+    parser.add_argument("--large-bytes", choices=("bytes", "memoryview"), default="bytes")
     return parser
 
 
@@ -109,6 +110,7 @@ _OPTIONS = {
     "--max-message-size": int,
     "--large-buffer-threshold": int,
     "--shm-prefix": str,
+    "--large-bytes": str,
 }
 
 
@@ -123,6 +125,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace | SimpleNamespace:
         "max_message_size": DEFAULT_MAX_MESSAGE_SIZE,
         "large_buffer_threshold": 0,
         "shm_prefix": "",
+        "large_bytes": "bytes",
     }
     rest = list(argv)
     try:
@@ -172,7 +175,12 @@ def main(argv: list[str] | None = None) -> None:
 
     large = None
     if args.large_buffer_threshold > 0:
-        large = LargeBuffers(args.shm_prefix, args.large_buffer_threshold, "w")
+        large = LargeBuffers(
+            args.shm_prefix,
+            args.large_buffer_threshold,
+            "w",
+            views=args.large_bytes == "memoryview",
+        )
     if app.sync_mode == "thread":  # sync handlers on a thread of their own: the loop reads
         import asyncio
 
