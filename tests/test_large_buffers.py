@@ -553,3 +553,23 @@ def test_large_bytes_is_validated() -> None:
         corral.PoolConfig(large_bytes="view")  # type: ignore[arg-type]
     assert corral.PoolConfig().large_bytes == "bytes"
     assert corral.PoolConfig(large_bytes="memoryview").large_bytes == "memoryview"
+
+
+def worker_maps(pid: int, prefix: str) -> list[str]:
+    """Segments the pool sent that the worker ``pid`` still maps (not its own kept ones)."""
+    sent = re.compile(re.escape(prefix) + r"p\d+\b")
+    with open(f"/proc/{pid}/maps") as maps:
+        return [line for line in maps if sent.search(line)]
+
+
+@pytest.mark.parametrize("sync_mode", ["inline", "thread"])
+async def test_a_worker_lets_go_of_a_large_argument_once_its_call_is_done(sync_mode: str) -> None:
+    # Not only when the next message arrives: a segment kept mapped by an idle
+    # worker is a segment its sender cannot reuse for the next call.
+    target = TARGET if sync_mode == "inline" else "tests.workers.large:threaded"
+    async with Pool(target, size=1, **VIEWS) as pool:
+        worker = pool.workers[0]
+        assert worker.pid is not None
+        big = pattern(THRESHOLD * 64)
+        assert (await pool.call("describe", big))[2] == big
+        assert wait_for(lambda: worker_maps(worker.pid, worker.spec.shm_prefix) == [])
