@@ -217,7 +217,8 @@ class ArrayCodec:
             payload = (_decode_array_payload if code == ARRAY_EXT else _decode_payload)(data)
         except msgspec.DecodeError as exc:  # a ValidationError too
             raise ProtocolError(f"malformed extension {code}: {exc}") from exc
-        if type(payload) is not tuple and (type(payload) is not list or not payload):
+        shaped = type(payload) is tuple or (type(payload) is list and len(payload) > 0)
+        if not shaped:
             raise ProtocolError(f"malformed extension {code}: not an array")
         raw = payload[-1]
         # Inline bytes become a private, writable copy; a reference, a mapping.
@@ -276,7 +277,7 @@ def _ipc_stream(pa: Any, value: Any, what: str) -> memoryview:
     return memoryview(sink.getvalue())
 
 
-def _read_ndarray(payload: tuple[Any, list[int], str, Any], buffer: Any) -> Any:
+def _read_ndarray(payload: Any, buffer: Any) -> Any:
     """The array a payload describes, over ``buffer`` (its fields were checked on decoding)."""
     np = sys.modules.get("numpy") or importlib.import_module("numpy")
     descr, shape, order, _ = payload
