@@ -8,13 +8,18 @@ Figures, all in one run, so that ratios hold on a loaded machine:
 Default settings, except ``max_message_size`` (256 MiB, for the table).
 
 - echo of 64 MiB ``bytes`` and of a 64 MiB float64 ``numpy.ndarray``: corral
-  (default settings: shared memory over 256 KiB), ``ProcessPoolExecutor``
-  (pickle) and ``anyio.to_process``;
+  (default settings: shared memory over 256 KiB), corral with
+  ``large_bytes="memoryview"`` (bytes only: they arrive as views of their
+  segments), ``ProcessPoolExecutor`` (pickle) and ``anyio.to_process``;
 - round trip of a 1,000,000-row, 10-column Arrow table (ints, floats, strings):
   corral against pickling it through ``ProcessPoolExecutor``;
 - 1 KiB arrays against 1 KiB ``bytes`` per call, through corral;
 - the peak of /dev/shm that corral's segments use under 64 concurrent 4 MiB
-  array echoes.
+  echoes, of arrays and of bytes received as views.
+
+Each figure is measured after a few warm-up calls: the first calls of a new
+size fault in the segments that both sides keep for reuse (up to two each way
+while a call's argument and the previous result are both still held).
 
 Every rate is given twice: against wall time, and against the CPU time that
 this process and its children spent (``psutil``), which stays meaningful when
@@ -93,16 +98,35 @@ async def anyio_system() -> AsyncIterator[Call]:
     yield call
 
 
+@contextlib.asynccontextmanager
+async def corral_views_system() -> AsyncIterator[Call]:
+    import corral
+
+    async with corral.Pool(
+        "benchmarks.array_app:app",
+        size=WORKERS,
+        max_message_size=256 * MIB,
+        large_bytes="memoryview",
+    ) as pool:
+        yield pool.call
+
+
 SYSTEMS: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Call]]] = {
     "corral": corral_system,
+    "corral views": corral_views_system,
     "ProcessPoolExecutor": executor_system,
     "anyio.to_process": anyio_system,
 }
 
 
+WARM_UP = 3
+
+
 async def round_trips(call: Call, value: Any, n: int) -> tuple[float, float]:
-    """Seconds of wall and of CPU per echo of ``value`` (after one warm-up)."""
-    await call("echo", value)
+    """Seconds of wall and of CPU per echo of ``value`` (after a few warm-up calls)."""
+    for _ in range(WARM_UP):
+        result = await call("echo", value)
+        del result
     cpu, wall = _cpu(), time.perf_counter()
     for _ in range(n):
         result = await call("echo", value)
@@ -126,13 +150,11 @@ def make_table(rows: int) -> Any:
     return pa.table(columns)
 
 
-async def peak_shm(n_calls: int, size: int) -> tuple[int, int]:
-    """Peak bytes of corral's named segments, and of /dev/shm used, during a burst."""
-    import numpy as np
-
+async def peak_shm(n_calls: int, value: Any, **options: Any) -> tuple[int, int]:
+    """Peak bytes of corral's named segments, and of /dev/shm used, during a burst
+    of ``n_calls`` concurrent echoes of ``value``."""
     import corral
 
-    array = np.ones(size // 8)
     base = _shm_used()
     peak_named = peak_used = 0
     stop = threading.Event()
@@ -150,12 +172,12 @@ async def peak_shm(n_calls: int, size: int) -> tuple[int, int]:
             peak_used = max(peak_used, _shm_used() - base)
             time.sleep(0.0005)
 
-    async with corral.Pool("benchmarks.array_app:app", size=WORKERS) as pool:
+    async with corral.Pool("benchmarks.array_app:app", size=WORKERS, **options) as pool:
         sampler = threading.Thread(target=sample, args=(pool._shm_prefix,), daemon=True)
         sampler.start()
         try:
-            results = await asyncio.gather(*(pool.call("echo", array) for _ in range(n_calls)))
-            assert all(r.shape == array.shape for r in results)
+            results = await asyncio.gather(*(pool.call("echo", value) for _ in range(n_calls)))
+            assert all(len(r) == len(value) for r in results)
             del results
         finally:
             stop.set()
@@ -199,10 +221,12 @@ async def main_async(args: argparse.Namespace) -> None:
                 continue
             async with system() as call:
                 for label, value in payloads.items():
+                    if name == "corral views" and label != "64 MiB bytes":
+                        continue  # the same as "corral" for anything but bytes
                     figures.setdefault((label, name), []).append(
                         await round_trips(call, value, big_n)
                     )
-                if name != "anyio.to_process":
+                if name in ("corral", "ProcessPoolExecutor"):
                     label = f"Arrow table {rows:,} x 10"
                     figures.setdefault((label, name), []).append(
                         await round_trips(call, table, big_n)
@@ -234,23 +258,34 @@ async def main_async(args: argparse.Namespace) -> None:
     print()
     print(f"Arrow table: {table_bytes / MIB:.1f} MiB of buffers")
     array_label = "64 MiB float64 ndarray"
+    compared = [
+        (array_label, "corral"),
+        (f"Arrow table {rows:,} x 10", "corral"),
+        ("64 MiB bytes", "corral"),
+        ("64 MiB bytes", "corral views"),
+    ]
     for other in ("ProcessPoolExecutor", "anyio.to_process"):
-        for label in (array_label, f"Arrow table {rows:,} x 10", "64 MiB bytes"):
-            if (label, other) in medians and (label, "corral") in medians:
-                w = _ratio(medians[(label, other)][0], medians[(label, "corral")][0], ".1f")
-                c = _ratio(medians[(label, other)][1], medians[(label, "corral")][1], ".1f")
-                print(f"{label}: corral is {w}x {other} (wall), {c}x (CPU)")
+        for label, ours in compared:
+            if (label, other) in medians and (label, ours) in medians:
+                w = _ratio(medians[(label, other)][0], medians[(label, ours)][0], ".1f")
+                c = _ratio(medians[(label, other)][1], medians[(label, ours)][1], ".1f")
+                print(f"{label}: {ours} is {w}x {other} (wall), {c}x (CPU)")
     a, b = medians[("1 KiB ndarray", "corral")], medians[("1 KiB bytes", "corral")]
     print(
         f"1 KiB ndarray / 1 KiB bytes per call: {_ratio(a[0], b[0], '.2f')}x (wall), "
         f"{_ratio(a[1], b[1], '.2f')}x (CPU)"
     )
-    named, used = await peak_shm(64, 4 * MIB)
-    print(
-        f"64 concurrent 4 MiB array echoes, {WORKERS} workers: peak of corral's named "
-        f"segments {named / MIB:.0f} MiB; peak /dev/shm growth {used / MIB:.0f} MiB "
-        "(includes other programs' use)"
-    )
+    bursts: list[tuple[str, Any, dict[str, Any]]] = [
+        ("array", np.ones(4 * MIB // 8), {}),
+        ("bytes (views)", os.urandom(4 * MIB), {"large_bytes": "memoryview"}),
+    ]
+    for what, value, options in bursts:
+        named, used = await peak_shm(64, value, **options)
+        print(
+            f"64 concurrent 4 MiB {what} echoes, {WORKERS} workers: peak of corral's named "
+            f"segments {named / MIB:.0f} MiB; peak /dev/shm growth {used / MIB:.0f} MiB "
+            "(includes other programs' use)"
+        )
 
 
 def _has(module: str) -> bool:

@@ -183,3 +183,4 @@ def test_the_array_benchmark_prints_every_figure_and_ratio() -> None:
         assert figure in run.stdout
     assert "corral is" in run.stdout and "x ProcessPoolExecutor" in run.stdout
     assert "peak of corral's named segments" in run.stdout
+    assert "corral views" in run.stdout and "4 MiB bytes (views) echoes" in run.stdout
