@@ -39,6 +39,8 @@ TARGET = "tests.workers.large:app"
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLD = 1024  # small, so that examples stay small
 POOLED = re.compile(r"-[pw]s\d+$")  # a segment a sender keeps for reuse
+# Crash safety holds whatever large bytes arrive as (copies, or views of their segments).
+RECEIVED_AS = pytest.mark.parametrize("received_as", ["bytes", "memoryview"])
 
 
 def segments(prefix: str, pooled: bool = False) -> list[str]:
@@ -197,10 +199,13 @@ async def test_a_disabled_threshold_keeps_every_buffer_on_the_pipes(
         assert await queued == pattern(4 * 2**20)
 
 
+@RECEIVED_AS
 async def test_a_worker_killed_before_reading_a_large_argument_leaves_no_segment(
-    tmp_path: Path,
+    tmp_path: Path, received_as: str
 ) -> None:
-    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+    async with Pool(
+        TARGET, size=1, large_buffer_threshold=THRESHOLD, large_bytes=received_as
+    ) as pool:
         worker = pool.workers[0]
         blocked, writer = await block_worker(pool, tmp_path / "never")
         queued = asyncio.ensure_future(pool.call("echo", pattern(THRESHOLD * 8)))
@@ -219,13 +224,18 @@ async def test_a_worker_killed_before_reading_a_large_argument_leaves_no_segment
     assert segments(pool._shm_prefix, pooled=True) == []
 
 
+@RECEIVED_AS
 @pytest.mark.parametrize("preload", [(), ("json",)], ids=["spawned", "forked"])
 async def test_a_worker_killed_after_writing_its_result_leaves_no_segment(
-    tmp_path: Path, preload: tuple[str, ...]
+    tmp_path: Path, preload: tuple[str, ...], received_as: str
 ) -> None:
     # A forked worker (preload) has a forked shepherd: it must unlink the same way.
     async with Pool(
-        TARGET, size=1, large_buffer_threshold=THRESHOLD, preload=list(preload)
+        TARGET,
+        size=1,
+        large_buffer_threshold=THRESHOLD,
+        preload=list(preload),
+        large_bytes=received_as,
     ) as pool:
         worker = pool.workers[0]
         prefix = worker.spec.shm_prefix
@@ -257,10 +267,13 @@ async def test_a_worker_that_dies_while_writing_a_result_leaves_no_segment() -> 
         assert segments(prefix, pooled=True) == []
 
 
+@RECEIVED_AS
 async def test_the_pool_unlinks_what_a_worker_left_when_its_shepherd_is_gone_too(
-    tmp_path: Path,
+    tmp_path: Path, received_as: str
 ) -> None:
-    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+    async with Pool(
+        TARGET, size=1, large_buffer_threshold=THRESHOLD, large_bytes=received_as
+    ) as pool:
         worker = pool.workers[0]
         assert worker._launched is not None
         blocked, writer = await block_worker(pool, tmp_path / "never")
@@ -276,10 +289,17 @@ async def test_the_pool_unlinks_what_a_worker_left_when_its_shepherd_is_gone_too
         assert segments(worker.spec.shm_prefix, pooled=True) == []
 
 
+@RECEIVED_AS
 async def test_closing_the_pool_with_large_calls_in_flight_leaves_nothing(
-    tmp_path: Path,
+    tmp_path: Path, received_as: str
 ) -> None:
-    pool = Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD, drain_timeout=0.2)
+    pool = Pool(
+        TARGET,
+        size=1,
+        large_buffer_threshold=THRESHOLD,
+        drain_timeout=0.2,
+        large_bytes=received_as,
+    )
     await pool.start()
     prefix = pool._shm_prefix
     assert await pool.call("echo", pattern(THRESHOLD * 4)) == pattern(THRESHOLD * 4)
@@ -327,7 +347,9 @@ PARENT = textwrap.dedent(
 
     async def main():
         fifo = sys.argv[1]
-        async with Pool("tests.workers.large:app", size=1, large_buffer_threshold=1024) as pool:
+        async with Pool(
+            "tests.workers.large:app", size=1, large_buffer_threshold=1024, large_bytes=sys.argv[2]
+        ) as pool:
             worker = pool.workers[0]
             blocked = asyncio.ensure_future(pool.call("make_after_fifo", fifo, 8192))
             held = await asyncio.to_thread(open, fifo, "wb", buffering=0)  # the handler waits
@@ -346,11 +368,12 @@ PARENT = textwrap.dedent(
 )
 
 
-def test_parent_sigkill_mid_call_leaves_no_segment(tmp_path: Path) -> None:
+@RECEIVED_AS
+def test_parent_sigkill_mid_call_leaves_no_segment(tmp_path: Path, received_as: str) -> None:
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(fifo)],
+        [sys.executable, "-c", PARENT, str(fifo), received_as],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
