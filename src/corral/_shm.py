@@ -339,10 +339,9 @@ class _KeptMappings:
     segment again only once every view of that value is gone.
     """
 
-    __slots__ = ("_mappings", "directory")
+    __slots__ = ("_mappings",)
 
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
+    def __init__(self) -> None:
         # inode -> (a descriptor without a lock, the mapping)
         self._mappings: dict[int, tuple[int, mmap.mmap]] = {}
 
@@ -440,7 +439,7 @@ class LargeBuffers:
         self.origin = origin
         self.directory = directory
         self.views = views
-        self._kept_views = _KeptMappings(directory) if views else None
+        self._kept_views = _KeptMappings() if views else None
         self._counter = 0
         self._warned = False
         self.pool = SegmentPool(prefix + origin, directory)
@@ -580,9 +579,9 @@ class LargeBuffers:
         """The bytes of the segment a reference names, which is unlinked.
 
         A copy (``bytes``), or with ``views`` a read-only ``memoryview`` of a
-        shared mapping of the segment: no copy, and the mapping, its descriptor
-        and the shared lock that keeps a pooled segment from being written
-        again live exactly as long as the view (and any slice of it) does.
+        shared mapping of the segment (``_KeptMappings``): no copy, and the
+        descriptor and shared lock that keep a pooled segment from being
+        written again live exactly as long as the view (and any slice of it).
 
         Raises LostSegment if it is missing, ProtocolError for a malformed
         reference, a name outside this worker's prefix, a segment smaller than
