@@ -410,6 +410,7 @@ MALFORMED_ARRAYS = [
     ["|O", [1], "C", b"\0" * 8],  # object dtype
     ["<f8", "1", "C", b"\0" * 8],  # shape not a list
     ["<f8", [1], "C", "text"],  # buffer neither bytes nor a reference
+    ["<f8", [1], "C", {"ext": 5}],  # an extension other than a segment reference
     {"a": 1},
     [],
 ]
@@ -423,6 +424,8 @@ def test_a_malformed_array_extension_is_a_protocol_error(payload: Any) -> None:
     from corral._framing import FrameDecoder, FrameEncoder
     from corral._messages import ParentBound, Result
 
+    if isinstance(payload, list) and len(payload) == 4 and payload[3] == {"ext": 5}:
+        payload = [*payload[:3], msgspec.msgpack.Ext(5, b"\0" * 8)]
     frame = FrameEncoder().encode(
         Result(1, msgspec.msgpack.Ext(2, msgspec.msgpack.encode(payload)))
     )

@@ -63,7 +63,7 @@ _ArrayPayload = tuple[
     Any,
     Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=_MAX_DIMS)],
     Literal["C", "F"],
-    Any,
+    bytearray | msgspec.msgpack.Ext,  # inline bytes, decoded into a private copy; or a reference
 ]
 _decode_array_payload = msgspec.msgpack.Decoder(_ArrayPayload, ext_hook=_reference).decode
 
@@ -221,8 +221,14 @@ class ArrayCodec:
         if not shaped:
             raise ProtocolError(f"malformed extension {code}: not an array")
         raw = payload[-1]
-        # Inline bytes become a private, writable copy; a reference, a mapping.
-        buffer, used = (bytearray(raw), 0) if type(raw) is bytes else self._open(raw, budget)
+        # Inline bytes become a private, writable copy (an array's already are);
+        # a reference, a mapping.
+        if type(raw) is bytearray:
+            buffer, used = raw, 0
+        elif type(raw) is bytes:
+            buffer, used = bytearray(raw), 0
+        else:
+            buffer, used = self._open(raw, budget)
         try:
             if code == ARRAY_EXT:
                 return _read_ndarray(payload, buffer), used
@@ -242,7 +248,11 @@ class ArrayCodec:
         """A writable buffer of the value's bytes: a copy of inline ones, a mapping of a segment."""
         if isinstance(buffer, bytes):
             return bytearray(buffer), 0
-        if isinstance(buffer, msgspec.msgpack.Ext) and self.large is not None:
+        if (
+            isinstance(buffer, msgspec.msgpack.Ext)
+            and buffer.code == LARGE_BUFFER_EXT
+            and self.large is not None
+        ):
             mapping, size = self.large.map(bytes(buffer.data), budget)
             return mapping, size
         raise ProtocolError("array or table buffer is neither inline bytes nor a segment reference")

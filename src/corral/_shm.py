@@ -150,7 +150,7 @@ def _populate(mapping: mmap.mmap, advice: int) -> None:
 
 def _size_of(value: Any) -> int:
     """Bytes in a bytes-like value (0 for anything else, or a non-contiguous view)."""
-    if isinstance(value, bytes | bytearray):
+    if isinstance(value, (bytes, bytearray)):  # a tuple: ``bytes | bytearray`` is built per call
         return len(value)
     if isinstance(value, memoryview):
         return value.nbytes if value.c_contiguous else 0
