@@ -9,6 +9,8 @@ own process is SIGKILLed, not after close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import re
@@ -616,3 +618,29 @@ async def test_large_bytes_views_of_a_kept_segment_map_it_once() -> None:
             assert result[size - 3 :] == tail
             del result
         assert minor_faults() - before < 4096 // 16  # less than one message's pages
+
+
+def open_segments(prefix: str) -> list[str]:
+    """Segments under ``prefix`` this process holds open (a descriptor, or a mapping)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if prefix in target:
+                held.append(target)
+    return held + mapped(prefix)
+
+
+async def test_a_dead_workers_kept_segments_are_let_go_by_the_pool() -> None:
+    async with Pool(TARGET, size=1, **VIEWS) as pool:
+        worker = pool.workers[0]
+        prefix = worker.spec.shm_prefix
+        for _ in range(3):
+            assert len(await pool.call("make", THRESHOLD * 64)) == THRESHOLD * 64
+        assert open_segments(prefix + "w") != []  # the worker's kept segment, mapped once
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        assert await pool._wait_until(lambda: worker not in pool.workers, 30)
+        await pool.wait_ready(timeout=30)
+        gc.collect()
+        assert open_segments(prefix) == []

@@ -339,11 +339,13 @@ class _KeptMappings:
     segment again only once every view of that value is gone.
     """
 
-    __slots__ = ("_mappings",)
+    __slots__ = ("__weakref__", "_mappings", "_release")
 
     def __init__(self) -> None:
         # inode -> (a descriptor without a lock, the mapping)
         self._mappings: dict[int, tuple[int, mmap.mmap]] = {}
+        # Dropped without close() (a connection that was never closed): still let go.
+        self._release = weakref.finalize(self, _forget_mappings, self._mappings)
 
     def view(self, fd: int, size: int) -> memoryview:
         """A read-only view of the first ``size`` bytes of the segment open on ``fd``.
@@ -395,8 +397,14 @@ class _KeptMappings:
         os.close(own)  # the mapping itself goes with the last view of it
 
     def close(self) -> None:
-        for inode in list(self._mappings):
-            self._drop(inode)
+        self._release()
+
+
+def _forget_mappings(mappings: dict[int, tuple[int, mmap.mmap]]) -> None:
+    """Close the kept descriptors (the dict is emptied); mappings go with their last view."""
+    while mappings:
+        _, (own, _) = mappings.popitem()
+        os.close(own)
 
 
 class LargeBuffers:
