@@ -308,12 +308,37 @@ def print_syscalls(table: dict[str, dict[str, Counter[str]]] | None, n: int, out
     )
 
 
+def uncompiled_modules() -> list[str]:
+    """corral's modules without up-to-date compiled bytecode (``__pycache__``).
+
+    A worker compiles each of them at start and keeps about 2 MiB more for it
+    (docs/performance.md, Idle memory): an installed wheel has its bytecode, a
+    checkout run with ``PYTHONDONTWRITEBYTECODE`` may not.
+    """
+    import importlib.util
+
+    import corral
+
+    missing = []
+    for source in sorted(Path(corral.__file__).parent.rglob("*.py")):
+        cached = Path(importlib.util.cache_from_source(str(source)))
+        if not cached.exists() or cached.stat().st_mtime < source.stat().st_mtime:
+            missing.append(source.name)
+    return missing
+
+
 def print_memory(rss: dict[str, int], starts: dict[str, float], out: TextIO) -> None:
     bare = rss["bare interpreter"]
     out.write(f"\nIdle worker RSS (bare interpreter {bare / MIB:.1f} MiB)\n")
     for case, size in rss.items():
         if case != "bare interpreter":
             out.write(f"  {case:<20}{size / MIB:>7.1f} MiB  (+{(size - bare) / MIB:.1f} MiB)\n")
+    missing = uncompiled_modules()
+    if missing:
+        out.write(
+            f"  ({len(missing)} of corral's modules have no compiled bytecode: each worker "
+            "compiles them and keeps about 2 MiB more; `python -m compileall src` first)\n"
+        )
     floor = starts["floor"]
     out.write("Cold start, pool of 4 to one answer from each worker (median)\n")
     for case, ms in starts.items():

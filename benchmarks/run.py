@@ -468,6 +468,11 @@ async def main_async(args: argparse.Namespace, progress: Progress = NO_PROGRESS)
     if "corral" in names:
         for key, value in extras.items():
             sys.stdout.write(f"corral {key}: {_format(value)}\n")
+        if extras and (missing := cost.uncompiled_modules()):
+            sys.stdout.write(
+                f"(idle RSS: {len(missing)} of corral's modules have no compiled bytecode, "
+                "which each worker compiles and keeps about 2 MiB more for)\n"
+            )
         key = "latency p50 (µs)"
         for placed in ("corral tcp", "corral ray"):
             if placed in results:

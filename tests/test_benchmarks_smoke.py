@@ -184,3 +184,36 @@ def test_the_array_benchmark_prints_every_figure_and_ratio() -> None:
     assert "corral is" in run.stdout and "x ProcessPoolExecutor" in run.stdout
     assert "peak of corral's named segments" in run.stdout
     assert "corral views" in run.stdout and "4 MiB bytes (views) echoes" in run.stdout
+
+
+def test_idle_memory_says_when_corral_runs_without_compiled_bytecode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that compiles corral at start keeps about 2 MiB more: the figure
+    # would mislead without the note.
+    import io
+
+    from benchmarks import cost
+
+    import corral
+
+    package = tmp_path / "corral"
+    (package / "worker").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "worker" / "_app.py").write_text("")
+    monkeypatch.setattr(corral, "__file__", str(package / "__init__.py"))
+    assert cost.uncompiled_modules() == ["__init__.py", "_app.py"]
+
+    rss = {"bare interpreter": 8 * cost.MIB, "sync-only app": 13 * cost.MIB}
+    out = io.StringIO()
+    cost.print_memory(rss, {"floor": 100.0}, out)
+    assert "sync-only app" in out.getvalue()
+    assert "2 of corral's modules have no compiled bytecode" in out.getvalue()
+
+    import compileall
+
+    assert compileall.compile_dir(str(package), quiet=1, force=True)
+    assert cost.uncompiled_modules() == []
+    out = io.StringIO()
+    cost.print_memory(rss, {"floor": 100.0}, out)
+    assert "compiled bytecode" not in out.getvalue()

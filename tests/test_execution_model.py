@@ -22,7 +22,9 @@ async def test_an_app_with_async_handlers_runs_sync_code_on_the_main_thread_too(
         names = {await pool.call("thread_name") for _ in range(5)}
         async_names = {await pool.call("async_thread_name") for _ in range(3)}
     assert names == {"MainThread"}
-    assert len(async_names) == 1 and async_names != {"MainThread"}  # the loop's own thread
+    # Once suspended, async code runs on the loop's own thread (before it
+    # suspends, possibly on the main thread: tests/test_async_first_step.py).
+    assert len(async_names) == 1 and async_names != {"MainThread"}
 
 
 async def test_an_async_handler_keeps_running_while_a_sync_handler_blocks() -> None:

@@ -117,3 +117,68 @@ def test_without_the_plugin_the_suite_refuses_to_run(inner: pytest.Pytester) -> 
     result = _run(inner, "-p", "no:corral")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*corral's pytest plugin is not loaded*"])
+
+
+def test_a_file_left_in_a_reference_cycle_is_reported(inner: pytest.Pytester) -> None:
+    """Only the garbage collector can close it; the check makes it do so and says so."""
+    inner.makepyfile(
+        """
+        from pathlib import Path
+
+        class Holder:
+            pass
+
+        def test_leaves_a_file_in_a_cycle():
+            path = Path("in-a-cycle.txt")
+            path.write_text("x")
+            holder = Holder()
+            holder.me = holder
+            holder.file = open(path)
+        """
+    )
+    result = _run(inner, "-W", "default::ResourceWarning")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*complaint(s) from finalizers run by the garbage collector*",
+            "*unclosed file*in-a-cycle.txt*",
+        ]
+    )
+
+
+def test_the_check_collects_only_what_the_test_made(inner: pytest.Pytester) -> None:
+    """What was alive before a checked test is set aside (gc.freeze) for its collections,
+    so the check costs the same in a session with a large heap; the session ends with
+    the heap given back to the collector, and what a test leaves in a cycle after it
+    ended is still collected before the next test."""
+    inner.makepyfile(
+        """
+        import gc
+        import weakref
+
+        class Node:
+            pass
+
+        LEFT = []
+
+        def test_first():
+            assert gc.get_freeze_count() > 0
+            node = Node()
+            node.me = node
+            LEFT.append(weakref.ref(node))
+
+        def test_second():
+            # the first test's cycle was garbage at its end, collected by the check
+            assert LEFT[0]() is None
+            assert gc.get_freeze_count() > 0
+        """
+    )
+    inner.makeconftest(
+        CONFTEST.read_text()
+        + "\n\ndef pytest_unconfigure(config):\n"
+        + "    import gc, pathlib\n"
+        + "    pathlib.Path('frozen-at-exit.txt').write_text(str(gc.get_freeze_count()))\n"
+    )
+    result = _run(inner)
+    result.assert_outcomes(passed=2)
+    assert (inner.path / "frozen-at-exit.txt").read_text() == "0"

@@ -155,6 +155,20 @@ async def test_remote_errors_count_against_the_breaker_only_when_asked() -> None
             assert pools.stats().routes["a"].breaker == expected
 
 
+async def test_every_kind_of_call_counts_an_answered_error_as_served() -> None:
+    """A RemoteError is the pool answering: plain, session and checkout calls count it alike."""
+    async with two_pools() as pools:
+        with pytest.raises(RemoteError):
+            await pools.call("fail", "plain", workload="only_a")
+        with pytest.raises(RemoteError):
+            await pools.call("fail", "in a session", session="s1", workload="only_a")
+        with pytest.raises(RemoteError):
+            async with pools.checkout(workload="only_a") as lease:
+                await lease.call("fail", "in a checkout")
+        stats = pools.stats().routes["a"]
+        assert (stats.routed, stats.served, stats.failed) == (3, 3, 0)
+
+
 async def test_per_method_breakers_keep_other_methods_flowing() -> None:
     async with Pools(
         Pool(TARGET, size=1, name="a"), breaker=BreakerConfig(min_calls=2, per_method=True)

@@ -25,6 +25,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from tests._processes import assert_no_corral_process_left, reaping_what_starts  # noqa: E402
+
 import corral  # noqa: E402
 from corral import Pool  # noqa: E402
 from corral.ray import RayLauncher  # noqa: E402
@@ -33,22 +35,6 @@ TARGET = "tests.workers.basic:app"
 HERE = Path(__file__).resolve().parent
 
 pytestmark = pytest.mark.allow_leaks  # checked by pid below, not by the suite's check
-
-
-def _descendants() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
-
-
-def _corral_processes() -> list[psutil.Process]:
-    found = []
-    for proc in _descendants():
-        try:
-            command = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if "corral.worker" in command or "_shepherd.py" in command:
-            found.append(proc)
-    return found
 
 
 def _temp_dir() -> str:
@@ -71,37 +57,27 @@ def ray_instance() -> Iterator[None]:
     processes come and go on their own, which the per-test leak check of the
     other modules would take for leaks.
     """
-    before = {p.pid for p in _descendants()}
     temp_dir = _temp_dir()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=2,  # fake: Ray only counts them
-        _temp_dir=temp_dir,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
     try:
-        yield
+        with reaping_what_starts(ray.shutdown, "ray.shutdown()"):
+            ray.init(
+                address="local",
+                num_cpus=2,
+                num_gpus=2,  # fake: Ray only counts them
+                _temp_dir=temp_dir,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+            yield
     finally:
-        started = [p for p in _descendants() if p.pid not in before]
-        ray.shutdown()
-        _, alive = psutil.wait_procs(started, timeout=30)
-        for proc in alive:  # only what this session started, by pid
-            proc.kill()
-        psutil.wait_procs(alive, timeout=10)
         if not temp_dir.startswith(str(HERE)):
             shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not alive, f"left running after ray.shutdown(): {alive}"
 
 
 @pytest.fixture(autouse=True)
 def no_corral_process_left(ray_instance: None) -> Iterator[None]:
     yield
-    _, alive = psutil.wait_procs(_corral_processes(), timeout=10)
-    for proc in alive:
-        proc.kill()
-    assert not alive, f"corral processes outlived their pool: {alive}"
+    assert_no_corral_process_left()
 
 
 def launcher(**options: object) -> RayLauncher:

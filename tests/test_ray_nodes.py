@@ -20,11 +20,12 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-import psutil
 import pytest
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+from tests._processes import assert_no_corral_process_left, reaping_what_starts  # noqa: E402
 
 import corral  # noqa: E402
 from corral import Pool  # noqa: E402
@@ -36,63 +37,41 @@ CPUS_PER_NODE = 2
 pytestmark = pytest.mark.allow_leaks  # checked by pid below, not by the suite's check
 
 
-def _descendants() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
-
-
-def _corral_processes() -> list[psutil.Process]:
-    found = []
-    for proc in _descendants():
-        try:
-            command = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if "corral.worker" in command or "_shepherd.py" in command:
-            found.append(proc)
-    return found
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    before = {p.pid for p in _descendants()}
     temp_dir = tempfile.mkdtemp(prefix="crn")  # Ray's socket paths must stay short
-    made = None
-    try:
-        made = cluster_utils.Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                "temp_dir": temp_dir,
-                "_system_config": {
-                    "health_check_period_ms": 500,
-                    "health_check_failure_threshold": 4,
-                },
-            },
-        )
-        for _ in range(2):
-            made.add_node(num_cpus=CPUS_PER_NODE)
-        ray.init(address=made.address, log_to_driver=False, logging_level=logging.ERROR)
-        yield made
-    finally:
-        started = [p for p in _descendants() if p.pid not in before]
+    made: Any = None
+
+    def shut_down() -> None:
         ray.shutdown()
         if made is not None:
             made.shutdown()
-        _, alive = psutil.wait_procs(started, timeout=30)
-        for proc in alive:  # only what this module started, by pid
-            proc.kill()
-        psutil.wait_procs(alive, timeout=10)
+
+    try:
+        with reaping_what_starts(shut_down, "the cluster shut down"):
+            made = cluster_utils.Cluster(
+                initialize_head=True,
+                head_node_args={
+                    "num_cpus": 0,
+                    "temp_dir": temp_dir,
+                    "_system_config": {
+                        "health_check_period_ms": 500,
+                        "health_check_failure_threshold": 4,
+                    },
+                },
+            )
+            for _ in range(2):
+                made.add_node(num_cpus=CPUS_PER_NODE)
+            ray.init(address=made.address, log_to_driver=False, logging_level=logging.ERROR)
+            yield made
+    finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not alive, f"left running after the cluster shut down: {alive}"
 
 
 @pytest.fixture(autouse=True)
 def no_corral_process_left(cluster: Any) -> Iterator[None]:
     yield
-    _, alive = psutil.wait_procs(_corral_processes(), timeout=10)
-    for proc in alive:
-        proc.kill()
-    assert not alive, f"corral processes outlived their pool: {alive}"
+    assert_no_corral_process_left()
 
 
 def _launcher(**options: Any) -> RayLauncher:

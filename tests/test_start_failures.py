@@ -51,6 +51,23 @@ class _FailingStarts(NothingHeld):
         await self._inner.aclose()
 
 
+def _scrape(pool: Pool) -> dict[tuple[str, str], float]:
+    """The pool's Prometheus counters: (sample name, pool label) -> value."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from corral.prometheus import PoolCollector
+
+    registry = CollectorRegistry()
+    registry.register(PoolCollector(pool))
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, sample.labels.get("pool", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_only_placement_errors_are_exempt_from_the_budget() -> None:
     assert counts_against_restart_budget(corral.WorkerStartError("bad target"))
     assert not counts_against_restart_budget(corral.PlacementError("node died", cause="node_lost"))
@@ -77,6 +94,10 @@ async def test_placement_failures_past_the_budget_never_fail_the_pool() -> None:
         assert stats.failed_starts == 8, stats
         assert stats.placement_failures == 8, stats
         assert not stats.failed
+        # Operators see them apart from the worker's own failures.
+        exposed = _scrape(pool)
+        assert exposed[("corral_worker_failed_starts_total", pool.name)] == 8
+        assert exposed[("corral_worker_placement_failures_total", pool.name)] == 8
         assert pool.status().state == "open"
         assert await pool.call("add", 2, 3) == 5
 

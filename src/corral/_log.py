@@ -16,12 +16,13 @@ configure logging after importing their libraries.
 Must not touch: the configuration of structlog or of logging (both belong to the
 application), stdout. Never imports structlog: an application that configured it
 has imported it, so ``sys.modules`` is asked instead. That keeps worker start
-light (importing structlog imports rich when rich is installed).
+light (importing structlog imports rich when rich is installed), and the
+standard library's logging is imported at the first event that goes there, not
+before: an idle worker never loads it.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Callable, Hashable
@@ -29,16 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # a sync-only worker never imports asyncio
     import asyncio
+    import logging
 
 __all__ = ["Logger", "Repeats", "get_logger"]
 
+# logging's level numbers (logging.DEBUG ... logging.CRITICAL), fixed by its API.
 _LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "exception": logging.ERROR,
-    "critical": logging.CRITICAL,
+    "debug": 10,
+    "info": 20,
+    "warning": 30,
+    "error": 40,
+    "exception": 40,
+    "critical": 50,
 }
 
 
@@ -62,7 +65,7 @@ class Logger:
     def __init__(self, name: str, context: dict[str, Any]) -> None:
         self._name = name
         self._context = context
-        self._std = logging.getLogger(name)
+        self._std: logging.Logger | None = None  # the standard library's, at its first event
         self._struct: Any = None  # structlog's lazy proxy, made at the first event it takes
 
     @property
@@ -102,12 +105,17 @@ class Logger:
             getattr(self._struct, method)(event, **fields)
             return
         level = _LEVELS[method]
-        if not self._std.isEnabledFor(level):
+        std = self._std
+        if std is None:
+            import logging
+
+            std = self._std = logging.getLogger(self._name)
+        if not std.isEnabledFor(level):
             return  # the common case with nothing configured: below WARNING, nothing to do
         exc_info = fields.pop("exc_info", None)
         values = {**self._context, **fields}
         message = " ".join([event, *(f"{k}={_render(v)}" for k, v in values.items())])
-        self._std.log(
+        std.log(
             level,
             "%s",
             message,

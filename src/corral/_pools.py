@@ -40,7 +40,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, NoReturn, Protocol, Self
 
 from ._breaker import PROBE, REJECT, BreakerConfig, BreakerState, CircuitBreaker, Transition
 from ._door import check_method, check_seconds, check_session_required
@@ -93,6 +93,18 @@ POOL_FAULTS: tuple[type[CorralError], ...] = (
     PoolTimeout,
     CallTimeout,
 )
+
+
+def may_fall_back(exc: CorralError, idempotent: bool) -> bool:
+    """May a call that failed with ``exc`` go to the next pool?
+
+    Always when the pool refused it (nothing ran); for an idempotent call also
+    when the worker gave no answer, unless the failure lost a session.
+    """
+    if isinstance(exc, REFUSALS):
+        return True
+    return idempotent and isinstance(exc, NO_ANSWER) and not isinstance(exc, SessionLost)
+
 
 _METHODS_CACHED = 10_000
 _METHOD_BREAKERS_KEPT = 1_000  # per pool, with per_method: method names come from callers
@@ -339,6 +351,28 @@ class _Member:
         self.series: collections.deque[dict[str, Any]] = collections.deque(maxlen=SERIES_KEPT)
         self.markers: collections.deque[dict[str, Any]] = collections.deque(maxlen=MARKERS_KEPT)
         self.last_stats: PoolStats | None = None
+
+    def refused(
+        self, breaker: CircuitBreaker, now: float, method: str | None, session: str | None = None
+    ) -> CircuitOpen:
+        """Count a call its breaker turned away, and the error that says so."""
+        self.circuit_open += 1
+        where = "" if session is None else f" (session {session!r} lives there and cannot move)"
+        return CircuitOpen(
+            f"the circuit breaker of pool {self.name} is open{where}",
+            pool=self.name,
+            retry_after=breaker.retry_after(now),
+            method=method,
+            session=session,
+        )
+
+    def settle(self, breaker: CircuitBreaker, failed: bool | None, probe: bool) -> None:
+        """Record how a call ended: True the pool's fault, False it answered, None unknown."""
+        breaker.record(_monotonic(), failed, probe)
+        if failed:
+            self.failed += 1
+        elif failed is False:
+            self.served += 1
 
     def breaker_for(self, method: str) -> CircuitBreaker:
         if not self.front._per_method:
@@ -684,20 +718,10 @@ class Pools:
         retry: bool = False,
     ) -> bool:
         """Count a call that ``member`` failed with ``exc``; may it go to the next pool?"""
-        now = _monotonic()
         if not retry and route.counts_budget:
-            member.budget.called(now)
-        failed = self._is_failure(exc)
-        breaker.record(now, failed, probe)
-        if failed:
-            member.failed += 1
-        else:
-            member.served += 1
-        if isinstance(exc, REFUSALS):
-            return True
-        if idempotent is None:
-            idempotent = route.idempotent
-        return idempotent and isinstance(exc, NO_ANSWER) and not isinstance(exc, SessionLost)
+            member.budget.called(_monotonic())
+        member.settle(breaker, self._is_failure(exc), probe)
+        return may_fall_back(exc, route.idempotent if idempotent is None else idempotent)
 
     async def call_routed(
         self,
@@ -778,13 +802,7 @@ class Pools:
                     breaker = member.breaker_for(method) if self._per_method else member.breaker
                     admission = breaker.admit(now)
                     if admission == REJECT:
-                        member.circuit_open += 1
-                        error = CircuitOpen(
-                            f"the circuit breaker of pool {member.name} is open",
-                            pool=member.name,
-                            retry_after=breaker.retry_after(now),
-                            method=method,
-                        )
+                        error = member.refused(breaker, now, method)
                         attempts = self._fell_back(attempts, member, error, route, method)
                         continue
                     remaining = None
@@ -811,11 +829,9 @@ class Pools:
                     except BaseException:
                         breaker.record(_monotonic(), None, admission == PROBE)
                         raise
-                    now = _monotonic()
                     if not round_no and rounds > 1:
-                        member.budget.called(now)
-                    breaker.record(now, False, admission == PROBE)
-                    member.served += 1
+                        member.budget.called(_monotonic())
+                    member.settle(breaker, False, admission == PROBE)
                     if self._log_routes:
                         _log.debug(
                             "route.served", workload=route.name, method=method,
@@ -827,22 +843,7 @@ class Pools:
                         span = None
                     return value, member, attempts
             assert attempts is not None
-            route.exhausted += 1
-            _log.warning(
-                "route.exhausted",
-                workload=route.name,
-                method=method,
-                tried=[f"{p}: {type(e).__name__}" for p, e in attempts],
-            )
-            if len(attempts) == 1:
-                raise attempts[0][1]
-            raise AllPoolsFailed(
-                f"no pool of workload {route.name!r} could serve the call "
-                f"({len(attempts)} attempts)",
-                workload=route.name,
-                attempts=tuple(attempts),
-                method=method,
-            ) from attempts[-1][1]
+            self._raise_exhausted(route.name, attempts, method)
         except BaseException as exc:
             if span is not None:
                 self._annotate(span, None, None, 0)
@@ -919,30 +920,20 @@ class Pools:
         now = _monotonic()
         admission = breaker.admit(now)
         if admission == REJECT:
-            member.circuit_open += 1
-            raise CircuitOpen(
-                f"the circuit breaker of pool {member.name} is open (session {session!r} "
-                "lives there and cannot move)",
-                pool=member.name,
-                retry_after=breaker.retry_after(now),
-                method=method,
-                session=session,
-            )
+            raise member.refused(breaker, now, method, session)
         member.routed += 1
+        probe = admission == PROBE
         try:
             value = await member.pool.call(
                 method, *args, session=session, timeout=timeout, **kwargs
             )
         except CorralError as exc:
-            failed = self._is_failure(exc)
-            breaker.record(_monotonic(), failed, admission == PROBE)
-            member.failed += bool(failed)
+            member.settle(breaker, self._is_failure(exc), probe)
             raise
         except BaseException:
-            breaker.record(_monotonic(), None, admission == PROBE)
+            member.settle(breaker, None, probe)
             raise
-        breaker.record(_monotonic(), False, admission == PROBE)
-        member.served += 1
+        member.settle(breaker, False, probe)
         return value
 
     async def close_session(self, session: str) -> None:
@@ -1017,14 +1008,7 @@ class Pools:
             now = _monotonic()
             admission = breaker.admit(now)
             if admission == REJECT:
-                member.circuit_open += 1
-                error = CircuitOpen(
-                    f"the circuit breaker of pool {member.name} is open",
-                    pool=member.name,
-                    retry_after=breaker.retry_after(now),
-                    session=session,
-                )
-                attempts.append((member.name, error))
+                attempts.append((member.name, member.refused(breaker, now, None, session)))
                 member.fallbacks += 1
                 continue
             member.routed += 1
@@ -1032,9 +1016,7 @@ class Pools:
             try:
                 lease = await manager.__aenter__()
             except CorralError as exc:
-                failed = self._is_failure(exc)
-                breaker.record(_monotonic(), failed, admission == PROBE)
-                member.failed += bool(failed)
+                member.settle(breaker, self._is_failure(exc), admission == PROBE)
                 if session is None and isinstance(exc, REFUSALS):
                     attempts.append((member.name, exc))
                     member.fallbacks += 1
@@ -1043,7 +1025,7 @@ class Pools:
                     continue
                 raise
             except BaseException:
-                breaker.record(_monotonic(), None, admission == PROBE)
+                member.settle(breaker, None, admission == PROBE)
                 raise
             outcome: BaseException | None = None
             try:
@@ -1054,17 +1036,13 @@ class Pools:
             finally:
                 lease_failed = lease.failed
                 await manager.__aexit__(None if outcome is None else type(outcome), outcome, None)
-                breaker.record(_monotonic(), lease_failed, admission == PROBE)
-                if lease_failed:
-                    member.failed += 1
-                else:
-                    member.served += 1
+                member.settle(breaker, lease_failed, admission == PROBE)
             return
         self._raise_exhausted(route_name, attempts, None)
 
     def _raise_exhausted(
         self, route_name: str, attempts: list[tuple[str, CorralError]], method: str | None
-    ) -> None:
+    ) -> NoReturn:
         route = self._routes.get(route_name)
         if route is not None:
             route.exhausted += 1
@@ -1364,20 +1342,9 @@ class RoutedStream:
             now = _monotonic()
             admission = breaker.admit(now)
             if admission == REJECT:
-                member.circuit_open += 1
+                error = member.refused(breaker, now, self._method, self._session)
                 member.fallbacks += 1
-                self.attempts.append(
-                    (
-                        member.name,
-                        CircuitOpen(
-                            f"the circuit breaker of pool {member.name} is open",
-                            pool=member.name,
-                            retry_after=breaker.retry_after(now),
-                            method=self._method,
-                            session=self._session,
-                        ),
-                    )
-                )
+                self.attempts.append((member.name, error))
                 continue
             remaining = None if deadline is None else max(1e-3, deadline - loop_time())
             member.routed += 1
@@ -1393,16 +1360,10 @@ class RoutedStream:
                 self._finish(False)
                 raise
             except CorralError as exc:
-                failed = front._is_failure(exc)
-                breaker.record(_monotonic(), failed, self._probe)
-                member.failed += bool(failed)
+                member.settle(breaker, front._is_failure(exc), self._probe)
                 self._stream = None
                 await stream.aclose()
-                may = isinstance(exc, REFUSALS) or (
-                    self._idempotent and isinstance(exc, NO_ANSWER)
-                    and not isinstance(exc, SessionLost)
-                )  # fmt: skip
-                if self._session is None and may:
+                if self._session is None and may_fall_back(exc, self._idempotent):
                     member.fallbacks += 1
                     self.attempts.append((member.name, exc))
                     continue
@@ -1419,11 +1380,7 @@ class RoutedStream:
             return
         self._done = True
         if self._breaker is not None and self._member is not None:
-            self._breaker.record(_monotonic(), failed, self._probe)
-            if failed:
-                self._member.failed += 1
-            elif failed is False:
-                self._member.served += 1
+            self._member.settle(self._breaker, failed, self._probe)
 
     async def aclose(self) -> None:
         """Stop the stream (and the handler in the worker)."""

@@ -53,7 +53,8 @@ class PoolCollector(Collector):
     - counters: ``calls_total{outcome}`` (ok, error, cancelled),
       ``call_errors_total{type}`` (the corral error class),
       ``worker_restarts_total``, ``worker_recycles_total``,
-      ``worker_failed_starts_total``;
+      ``worker_failed_starts_total``, ``worker_placement_failures_total`` (the
+      failed starts that were the placement's: they never use the restart budget);
     - histogram: ``call_duration_seconds``, in the pool's fixed latency buckets.
 
     A scrape from another thread (``prometheus_client.start_http_server``)
@@ -158,6 +159,12 @@ class PoolCollector(Collector):
         yield counter("worker_restarts", "Workers started to replace one that ended.", "restarts")
         yield counter("worker_recycles", "Workers retired by a recycling limit.", "recycles")
         yield counter("worker_failed_starts", "Workers that never became ready.", "failed_starts")
+        yield counter(
+            "worker_placement_failures",
+            "Failed starts that were the placement's (no room, node lost), not the worker's; "
+            "a subset of worker_failed_starts that never uses the restart budget.",
+            "placement_failures",
+        )
 
         latency = HistogramMetricFamily(
             p + "call_duration_seconds",

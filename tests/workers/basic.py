@@ -311,8 +311,10 @@ def thread_name() -> str:
 
 @app.handler
 async def async_thread_name() -> str:
+    """The thread async code runs on once it has suspended (the loop's own)."""
     import threading
 
+    await asyncio.sleep(0)
     return threading.current_thread().name
 
 

@@ -6,6 +6,10 @@ pointed at stderr so ``print()`` never reaches the wire, death with the parent,
 the parent's ``sys.path``, then importing the target and serving it. Must not
 touch: what happens per call (``_runtime``).
 
+What it imports at start is what an idle worker keeps (docs/performance.md):
+msgspec comes in through ``_lean.import_msgspec`` before anything else of
+corral's wire, and the C heap is trimmed once the target is loaded.
+
 Exit codes: 0 clean shutdown, 2 bad command line, 3 the target cannot be
 imported or is not an App, 4 an ``on_startup`` hook failed, 5 an
 ``on_shutdown`` hook failed.
@@ -19,11 +23,10 @@ import json
 import os
 import signal
 import sys
-import traceback
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from .._framing import DEFAULT_MAX_MESSAGE_SIZE
+from . import _lean
 from ._app import App
 
 if TYPE_CHECKING:
@@ -93,6 +96,8 @@ def _check_factory(spec: str, target: object) -> None:
 def _parser() -> argparse.ArgumentParser:
     import argparse
 
+    from .._framing import DEFAULT_MAX_MESSAGE_SIZE
+
     parser = argparse.ArgumentParser(prog="python -m corral.worker")
     parser.add_argument("target", help="MODULE:ATTR naming a corral.worker.App")
     parser.add_argument("--fds", default="0,1", help="READ,WRITE[,CONTROL] protocol descriptors")
@@ -118,6 +123,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace | SimpleNamespace:
     """The command line as the launchers write it (``--option value`` pairs and a
     target), read without argparse, which imports 2 MiB (shutil, gettext) into
     every worker; anything else (``--help``, a mistake) goes to argparse."""
+    from .._framing import DEFAULT_MAX_MESSAGE_SIZE
+
     values: dict[str, Any] = {
         "target": None,
         "fds": "0,1",
@@ -147,6 +154,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace | SimpleNamespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    _lean.import_msgspec()  # first: before corral's wire modules import it
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     fds = [int(x) for x in args.fds.split(",")]
     read_fd, write_fd = fds[0], fds[1]
@@ -166,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app = load_target(args.target)
     except BaseException:  # noqa: BLE001 - any import-time failure, shown to the pool
+        import traceback
+
         sys.stderr.write(f"corral worker: cannot load {args.target!r}\n")
         traceback.print_exc()
         sys.stderr.flush()
@@ -181,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             "w",
             views=args.large_bytes == "memoryview",
         )
+    _lean.trim_heap()  # what start-up freed goes back to the system, not kept idle
     if app.sync_mode == "thread":  # sync handlers on a thread of their own: the loop reads
         import asyncio
 

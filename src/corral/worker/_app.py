@@ -3,15 +3,20 @@
 Owns: how user functions are registered, classified (sync, async, sync or async
 generator) and described. Must not touch: the wire, the event loop or the
 process; the runtime reads what is registered here.
+
+A plain function (the common handler) is classified from its code object, with
+the answers ``inspect`` gives; anything else (a partial, a wrapper, a callable
+object, a method) goes to ``inspect``, imported then: a worker whose handlers
+are plain functions never loads it (docs/decisions/0029-idle-worker-memory.md).
 """
 
 from __future__ import annotations
 
 import enum
-import inspect
 import threading
 import time
 from collections.abc import Callable
+from types import FunctionType
 from typing import Any, TypeVar, overload
 
 __all__ = ["App", "Context", "Handler", "HandlerKind"]
@@ -125,7 +130,29 @@ class HandlerKind(enum.Enum):
         return self in (HandlerKind.SYNC_GEN, HandlerKind.ASYNC_GEN)
 
 
+# CPython's code flags (``inspect.CO_*``): stable since 3.6.
+_CO_GENERATOR = 0x20
+_CO_COROUTINE = 0x80
+_CO_ASYNC_GENERATOR = 0x200
+
+
+def _is_plain(fn: Callable[..., Any]) -> bool:
+    """A ``def`` or lambda with no attributes set on it (no ``__wrapped__``,
+    ``__signature__``, coroutine mark...): inspect reads such a function from its
+    code object alone, so this module can too."""
+    return type(fn) is FunctionType and not fn.__dict__
+
+
 def _kind_of(fn: Callable[..., Any]) -> HandlerKind:
+    if _is_plain(fn):
+        flags = fn.__code__.co_flags
+        if flags & _CO_ASYNC_GENERATOR:
+            return HandlerKind.ASYNC_GEN
+        if flags & _CO_GENERATOR:
+            return HandlerKind.SYNC_GEN
+        return HandlerKind.ASYNC if flags & _CO_COROUTINE else HandlerKind.SYNC
+    import inspect
+
     if inspect.isasyncgenfunction(fn):
         return HandlerKind.ASYNC_GEN
     if inspect.isgeneratorfunction(fn):
@@ -133,12 +160,22 @@ def _kind_of(fn: Callable[..., Any]) -> HandlerKind:
     if inspect.iscoroutinefunction(fn):
         return HandlerKind.ASYNC
     call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects
-    if call is not None and not inspect.isfunction(fn) and not inspect.ismethod(fn):
+    # an object's own __call__ written in Python; one written in C (a builtin, a
+    # partial) is sync
+    own_call = not inspect.isfunction(fn) and not inspect.ismethod(fn)
+    if own_call and (inspect.isfunction(call) or inspect.ismethod(call)):
         return _kind_of(call)
     return HandlerKind.SYNC
 
 
 def _wants_context(fn: Callable[..., Any]) -> bool:
+    if _is_plain(fn):
+        code = fn.__code__
+        # positional-or-keyword and keyword-only names, as inspect.signature reads them
+        first, end = code.co_posonlyargcount, code.co_argcount + code.co_kwonlyargcount
+        return "ctx" in code.co_varnames[first:end]
+    import inspect
+
     try:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):

@@ -2,9 +2,17 @@
 
 Owns: the loop thread (``corral-async``), started only for an app with async
 code; async handlers and async generators as tasks on it, their deadlines,
-stream credit and cancellation. Must not touch: the main pipe (the main thread
-reads it and hands calls over here) or sync handlers. Replies go through the
-runtime's ``_send``, which writes them from this thread.
+stream credit and cancellation; the loop lock, which says who may touch the
+loop's state. Must not touch: the main pipe (the main thread reads it and hands
+calls over here) or sync handlers. Replies go through the runtime's ``_send``.
+
+The first step of a call (decision 0028): when the loop is idle (its thread
+waits in ``select`` and has released the loop lock, and nothing handed over is
+waiting), the main thread takes the lock and runs the task's first step itself,
+with the loop set as its running loop; a handler that does not suspend ends
+there, with no hand-over. One that suspends stays a task of this loop: the main
+thread wakes the loop thread, which runs the rest. Otherwise the call is handed
+over as before.
 
 Imported only when an app has async code, so a sync-only worker never imports
 asyncio.
@@ -16,7 +24,9 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import os
+import selectors
 import socket
 import sys
 import threading
@@ -32,6 +42,28 @@ if TYPE_CHECKING:
 __all__ = ["LoopThread"]
 
 _EAGER_TASKS = sys.version_info >= (3, 12)
+# Where the first step may run on the main thread: the versions whose tasks keep
+# the current task per loop (3.14 keeps it per thread) and that are tested here.
+_FIRST_STEP_HERE = sys.version_info < (3, 14)
+_set_running_loop = asyncio.events._set_running_loop
+_DEFAULT_POLICY = asyncio.DefaultEventLoopPolicy
+
+
+class _LockReleasingSelector(selectors.DefaultSelector):
+    """The loop's selector: the loop thread holds the loop lock except while it
+    waits in ``select``, so another thread that takes the lock knows the loop is
+    idle and may touch its state."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        super().__init__()
+        self._loop_lock = lock
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self._loop_lock.release()
+        try:
+            return super().select(timeout)
+        finally:
+            self._loop_lock.acquire()
 
 
 class LoopThread:
@@ -52,8 +84,17 @@ class LoopThread:
         self._wake_r, self._wake_w = (end.fileno() for end in self._wake_pair)
         os.set_blocking(self._wake_r, False)
         self._closed = False
+        # Held by the loop thread except while it waits in select (see
+        # _LockReleasingSelector); the main thread takes it to run a first step.
+        self._lock = threading.Lock()
         ready = threading.Event()
-        self.loop = asyncio.new_event_loop()
+        self.loop: asyncio.AbstractEventLoop
+        if _FIRST_STEP_HERE and type(asyncio.get_event_loop_policy()) is _DEFAULT_POLICY:
+            self.loop = asyncio.SelectorEventLoop(_LockReleasingSelector(self._lock))
+            self._first_step_here = True
+        else:  # an event loop policy of the app's own (uvloop): every call is handed over
+            self.loop = asyncio.new_event_loop()
+            self._first_step_here = False
         self.thread = threading.Thread(
             target=self._main, args=(ready,), name="corral-async", daemon=True
         )
@@ -65,6 +106,8 @@ class LoopThread:
         asyncio.set_event_loop(loop)
         loop.add_reader(self._wake_r, self._drain)
         loop.call_soon(ready.set)
+        if self._first_step_here:
+            self._lock.acquire()  # released only while the loop waits in select
         try:
             loop.run_forever()
         finally:
@@ -75,6 +118,8 @@ class LoopThread:
                 loop.close()
                 for end in self._wake_pair:
                     end.close()
+                if self._first_step_here:
+                    self._lock.release()
 
     # --- from the main (or control) thread --------------------------------------
 
@@ -82,11 +127,52 @@ class LoopThread:
         if self._closed:
             return  # the loop is gone: nothing runs there any more
         self._inbox.append((fn, args))
+        self._wake_loop()
+
+    def _wake_loop(self) -> None:
         with contextlib.suppress(OSError):  # closed meanwhile
             os.write(self._wake_w, b"w")
 
     def start_call(self, running: _Running, handler: Handler) -> None:
+        """Start an async call (main thread): its first step here if the loop is
+        idle and nothing handed over waits before it, else on the loop thread."""
+        if self._first_step_here and not self._inbox and self._lock.acquire(blocking=False):
+            try:
+                # Under the lock, an empty inbox means every call handed over
+                # before this one has started: calls start in the order they came.
+                if not self._inbox and not self._closed and not self.loop.get_debug():
+                    self._first_step(running, handler)
+                    return
+            finally:
+                self._lock.release()
         self._hand_over(self._launch, running, handler)
+
+    def _first_step(self, running: _Running, handler: Handler) -> None:
+        """Run the call's first step on this (the main) thread, the loop lock held.
+
+        The loop is its running loop meanwhile, so the handler sees the loop it
+        would see on the loop thread, and its task is a task of that loop. If
+        the task suspended, or scheduled anything on the loop, the loop thread
+        is woken: it waits in select with a timeout computed before.
+        """
+        loop: Any = self.loop
+        ready, scheduled = loop._ready, loop._scheduled
+        timers = len(scheduled)
+        runtime = self._runtime
+        if runtime._out:
+            runtime.flush()  # earlier replies must not wait for this step
+        runtime._stepping = True
+        _set_running_loop(loop)
+        try:
+            task = self._start_task(running, handler)
+        finally:
+            _set_running_loop(None)
+            runtime._stepping = False
+        if not task.done():
+            self._arm_deadline(running)
+            self._wake_loop()
+        elif ready or len(scheduled) != timers:
+            self._wake_loop()
 
     def add_credit(self, running: _Running, n: int) -> None:
         self._hand_over(self._credit, running, n)
@@ -129,25 +215,46 @@ class LoopThread:
         self._runtime.flush()
 
     def _launch(self, running: _Running, handler: Handler) -> None:
+        """Start a call handed over to the loop thread (its first step runs now)."""
+        if not self._start_task(running, handler).done():
+            self._arm_deadline(running)
+
+    def _arm_deadline(self, running: _Running) -> None:
+        """A suspended call with a deadline is stopped by a timer when it passes.
+
+        Armed after the first step: a call that ends in it leaves no timer (its
+        late result is a timeout anyway, see ``_send_return``).
+        """
+        deadline = running.ctx.deadline
+        if deadline is not None and running.call.id in self._runtime._running:
+            running.timer = self.loop.call_at(deadline, self._deadline_passed, running)
+
+    def _start_task(self, running: _Running, handler: Handler) -> asyncio.Task[None]:
+        """The call's task, with its first step run now, on this thread.
+
+        Each call runs in a context of its own (its span's, if traced), never in
+        the context of the thread that starts it.
+        """
         loop = self.loop
-        call = running.call
-        if call.timeout is not None:
-            running.timer = loop.call_later(call.timeout, self._deadline_passed, running)
         coro = self._run(running, handler)
-        context = running.span_context
+        context = running.span_context or contextvars.Context()
         if _EAGER_TASKS:
-            running.task = asyncio.Task(coro, loop=loop, eager_start=True, context=context)  # type: ignore[call-arg]
-            return
-        if context is None:
-            task = running.task = loop.create_task(coro)
-        else:
-            task = running.task = loop.create_task(coro, context=context)
+            task: asyncio.Task[None] = asyncio.Task(
+                coro,
+                loop=loop,
+                eager_start=True,  # type: ignore[call-arg]
+                context=context,
+            )
+            running.task = task
+            return task
         # Python 3.11 has no eager tasks: run the first step now, as 3.12 would,
         # rather than in the loop's next round (a handler that does not await
         # then ends here). The step is the handle the task just scheduled.
+        task = running.task = asyncio.Task(coro, loop=loop, context=context)
         ready = getattr(loop, "_ready", None)
         if ready and getattr(ready[-1]._callback, "__self__", None) is task:
             ready.pop()._run()
+        return task
 
     async def _run(self, running: _Running, handler: Handler) -> None:
         runtime = self._runtime

@@ -12,9 +12,10 @@ Threads (decision 0020):
   and writes the replies of one read in one write: no event loop and no thread
   hop on the path of a sync call;
 - async handlers and async generators run as tasks on an event loop of their
-  own thread (``corral-async``), started only if the app has async code; the
-  main thread hands each one over with ``call_soon_threadsafe``, and the loop
-  thread writes its replies;
+  own thread (``corral-async``), started only if the app has async code; when
+  that loop is idle the main thread runs a call's first step itself and hands
+  the task over only if it suspends (decision 0028), else it hands the call
+  over; the loop thread writes the replies of what it runs;
 - the control thread reads the control pipe: it answers Ping at once and marks
   cancelled calls, even while a sync handler runs.
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 import os
 import select
 import threading
@@ -132,6 +132,7 @@ class MainThreadRuntime:
         self._spans_open = 0  # traced calls in flight: their replies wait for the span's end
         # Main thread only:
         self._parked: dict[int, _Running] = {}  # sync streams waiting for credit
+        self._stepping = False  # an async call's first step runs here (LoopThread)
         self._shutdown_requested = False
         self._reading = True
         # Set from any thread; the wake pipe interrupts the main thread's wait:
@@ -157,6 +158,8 @@ class MainThreadRuntime:
                 self.flush()  # one call in flight: nothing to coalesce with
             elif self._async is not None:
                 self._async.flush_soon()
+        elif self._stepping and len(self._running) <= 1 and not self._spans_open:
+            self.flush()  # as on the loop thread: an async first step may block after it
 
     def flush(self) -> None:
         """Write every queued frame (from any thread)."""
@@ -628,6 +631,8 @@ class MainThreadRuntime:
         """Run lifecycle hooks in order: sync ones here, on the thread of the sync
         handlers; async ones on the loop thread, waited for."""
         for hook in hooks:
+            import inspect  # only with hooks: an idle worker without them never loads it
+
             if inspect.iscoroutinefunction(hook):
                 outcome = hook(*args)
             else:

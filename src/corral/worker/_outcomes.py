@@ -5,13 +5,13 @@ Owns: ``describe`` (an exception as the type name, message and traceback an
 ``refusal_of`` (the ``Error`` frame for a call that cannot start: no such handler,
 a generator called with ``call()``, a deadline already past).
 Must not touch: the wire, threads or event loops. Imports no asyncio: the
-main-thread runtime of a sync-only worker uses it too.
+main-thread runtime of a sync-only worker uses it too, and imports traceback at
+the first failure, not before: an idle worker never loads it.
 """
 
 from __future__ import annotations
 
 import os
-import traceback
 
 from .._messages import Call, Error, ErrorKind
 from ._app import App, Handler
@@ -34,11 +34,15 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
         message = f"<unprintable {kind.__name__}: {str_failure!r}>"
     if not message:
         message = _where(exc)
+    import traceback
+
     return name, message, "".join(traceback.format_exception(exc))
 
 
 def _where(exc: BaseException) -> str:
     """For an exception raised without a message (a bare ``assert``): where it was raised."""
+    import traceback
+
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return ""

@@ -47,6 +47,7 @@ import traceback
 from typing import Any, NoReturn
 
 from .. import _shepherd
+from . import _lean
 
 __all__ = ["REQUEST_FDS", "main"]
 
@@ -85,6 +86,7 @@ def _native_threads() -> int:
 
 def _preload(sock: socket.socket, modules: list[str]) -> None:
     """Import corral's worker runtime and the preload modules; exit 3 on failure."""
+    _lean.import_msgspec()  # as a spawned worker does (docs/decisions/0029-idle-worker-memory.md)
     importlib.import_module("corral.worker.__main__")
     importlib.import_module("corral.worker._main_thread")
     importlib.import_module("corral.worker._runtime")  # sync_mode="thread" apps
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     # in a worker then does not write to (and so copy) the pages it shares with us.
     gc.collect()
     gc.freeze()
+    _lean.trim_heap()  # what the imports freed goes back to the system, not into every fork
     _send(sock, {"ready": os.getpid()})
     _serve(sock)
 
