@@ -8,18 +8,23 @@ Figures, all in one run, so that ratios hold on a loaded machine:
 Default settings, except ``max_message_size`` (256 MiB, for the table).
 
 - echo of 64 MiB ``bytes`` and of a 64 MiB float64 ``numpy.ndarray``: corral
-  (default settings: shared memory over 256 KiB), ``ProcessPoolExecutor``
-  (pickle) and ``anyio.to_process``;
+  (default settings: shared memory over 256 KiB), corral with
+  ``large_bytes="memoryview"`` (bytes only: they arrive as views of their
+  segments), ``ProcessPoolExecutor`` (pickle) and ``anyio.to_process``;
 - round trip of a 1,000,000-row, 10-column Arrow table (ints, floats, strings):
   corral against pickling it through ``ProcessPoolExecutor``;
 - 1 KiB arrays against 1 KiB ``bytes`` per call, through corral;
 - the peak of /dev/shm that corral's segments use under 64 concurrent 4 MiB
-  array echoes;
+  echoes, of arrays and of bytes received as views;
 - the 64 MiB float64 array (random, and compressible: whole numbers 0..100)
   echoed to a worker over TCP on loopback (``SubprocessShimLauncher``): with its
   buffer inline in the frame (``large_buffer_threshold=None``, how every array
   crossed TCP before streamed buffers), streamed after the frame, and streamed
   with lz4 and zstd compression.
+
+Each figure is measured after a few warm-up calls: the first calls of a new
+size fault in the segments that both sides keep for reuse (up to two each way
+while a call's argument and the previous result are both still held).
 
 Every rate is given twice: against wall time, and against the CPU time that
 this process and its children spent (``psutil``), which stays meaningful when
@@ -51,13 +56,26 @@ Call = Callable[..., Awaitable[Any]]
 
 
 def _cpu() -> float:
-    """CPU seconds of this process and every live descendant."""
-    me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
-    for child in me.children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += sum(child.cpu_times()[:2])
+    """CPU seconds of this process and every live descendant.
+
+    Read from the nanosecond counters (this process's clock, each descendant's
+    threads' schedstat), not from the 10 ms ticks of ``cpu_times()``: a few
+    thousand 1 KiB calls use less CPU than a handful of ticks.
+    """
+    total = time.process_time()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(OSError, psutil.NoSuchProcess):
+            total += _threads_cpu(child.pid)
     return total
+
+
+def _threads_cpu(pid: int) -> float:
+    """CPU seconds of every live thread of ``pid`` (Linux schedstat, nanoseconds)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+            total += int(stat.read().split()[0])
+    return total / 1e9
 
 
 @contextlib.asynccontextmanager
@@ -98,6 +116,19 @@ async def anyio_system() -> AsyncIterator[Call]:
     yield call
 
 
+@contextlib.asynccontextmanager
+async def corral_views_system() -> AsyncIterator[Call]:
+    import corral
+
+    async with corral.Pool(
+        "benchmarks.array_app:app",
+        size=WORKERS,
+        max_message_size=256 * MIB,
+        large_bytes="memoryview",
+    ) as pool:
+        yield pool.call
+
+
 def tcp_system(**options: Any) -> Callable[[], contextlib.AbstractAsyncContextManager[Call]]:
     """A one-worker corral pool whose worker reaches it over TCP (loopback)."""
 
@@ -120,6 +151,7 @@ def tcp_system(**options: Any) -> Callable[[], contextlib.AbstractAsyncContextMa
 
 SYSTEMS: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Call]]] = {
     "corral": corral_system,
+    "corral views": corral_views_system,
     "ProcessPoolExecutor": executor_system,
     "anyio.to_process": anyio_system,
     "corral-tcp-inline": tcp_system(large_buffer_threshold=None),
@@ -132,9 +164,14 @@ TCP_PAYLOADS = ("64 MiB float64 ndarray", "64 MiB compressible ndarray")
 _CODEC_MODULES = {"corral-tcp-lz4": "lz4", "corral-tcp-zstd": "zstandard"}
 
 
+WARM_UP = 3
+
+
 async def round_trips(call: Call, value: Any, n: int) -> tuple[float, float]:
-    """Seconds of wall and of CPU per echo of ``value`` (after one warm-up)."""
-    await call("echo", value)
+    """Seconds of wall and of CPU per echo of ``value`` (after a few warm-up calls)."""
+    for _ in range(WARM_UP):
+        result = await call("echo", value)
+        del result
     cpu, wall = _cpu(), time.perf_counter()
     for _ in range(n):
         result = await call("echo", value)
@@ -158,13 +195,11 @@ def make_table(rows: int) -> Any:
     return pa.table(columns)
 
 
-async def peak_shm(n_calls: int, size: int) -> tuple[int, int]:
-    """Peak bytes of corral's named segments, and of /dev/shm used, during a burst."""
-    import numpy as np
-
+async def peak_shm(n_calls: int, value: Any, **options: Any) -> tuple[int, int]:
+    """Peak bytes of corral's named segments, and of /dev/shm used, during a burst
+    of ``n_calls`` concurrent echoes of ``value``."""
     import corral
 
-    array = np.ones(size // 8)
     base = _shm_used()
     peak_named = peak_used = 0
     stop = threading.Event()
@@ -182,12 +217,12 @@ async def peak_shm(n_calls: int, size: int) -> tuple[int, int]:
             peak_used = max(peak_used, _shm_used() - base)
             time.sleep(0.0005)
 
-    async with corral.Pool("benchmarks.array_app:app", size=WORKERS) as pool:
+    async with corral.Pool("benchmarks.array_app:app", size=WORKERS, **options) as pool:
         sampler = threading.Thread(target=sample, args=(pool._shm_prefix,), daemon=True)
         sampler.start()
         try:
-            results = await asyncio.gather(*(pool.call("echo", array) for _ in range(n_calls)))
-            assert all(r.shape == array.shape for r in results)
+            results = await asyncio.gather(*(pool.call("echo", value) for _ in range(n_calls)))
+            assert all(len(r) == len(value) for r in results)
             del results
         finally:
             stop.set()
@@ -215,7 +250,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
     repeats = 1 if args.quick else args.repeats
     big_n = 2 if args.quick else 5
-    small_n = 200 if args.quick else 2000
+    small_n = 200 if args.quick else 5000
     rows = 100_000 if args.quick else 1_000_000
     big = 64 * MIB
     payloads: dict[str, Any] = {
@@ -240,11 +275,13 @@ async def main_async(args: argparse.Namespace) -> None:
                         continue
                     if label == "64 MiB compressible ndarray" and not name.startswith("corral"):
                         continue
+                    if name == "corral views" and label != "64 MiB bytes":
+                        continue  # the same as "corral" for anything but bytes
                     n = 1 if tcp and args.quick else big_n
                     figures.setdefault((label, name), []).append(await round_trips(call, value, n))
                 if tcp:
                     continue
-                if name != "anyio.to_process":
+                if name in ("corral", "ProcessPoolExecutor"):
                     label = f"Arrow table {rows:,} x 10"
                     figures.setdefault((label, name), []).append(
                         await round_trips(call, table, big_n)
@@ -276,12 +313,18 @@ async def main_async(args: argparse.Namespace) -> None:
     print()
     print(f"Arrow table: {table_bytes / MIB:.1f} MiB of buffers")
     array_label = "64 MiB float64 ndarray"
+    compared = [
+        (array_label, "corral"),
+        (f"Arrow table {rows:,} x 10", "corral"),
+        ("64 MiB bytes", "corral"),
+        ("64 MiB bytes", "corral views"),
+    ]
     for other in ("ProcessPoolExecutor", "anyio.to_process"):
-        for label in (array_label, f"Arrow table {rows:,} x 10", "64 MiB bytes"):
-            if (label, other) in medians and (label, "corral") in medians:
-                w = _ratio(medians[(label, other)][0], medians[(label, "corral")][0], ".1f")
-                c = _ratio(medians[(label, other)][1], medians[(label, "corral")][1], ".1f")
-                print(f"{label}: corral is {w}x {other} (wall), {c}x (CPU)")
+        for label, ours in compared:
+            if (label, other) in medians and (label, ours) in medians:
+                w = _ratio(medians[(label, other)][0], medians[(label, ours)][0], ".1f")
+                c = _ratio(medians[(label, other)][1], medians[(label, ours)][1], ".1f")
+                print(f"{label}: {ours} is {w}x {other} (wall), {c}x (CPU)")
     for label in TCP_PAYLOADS:
         before = medians.get((label, "corral-tcp-inline"))
         for name in ("corral-tcp", "corral-tcp-lz4", "corral-tcp-zstd"):
@@ -295,12 +338,17 @@ async def main_async(args: argparse.Namespace) -> None:
         f"1 KiB ndarray / 1 KiB bytes per call: {_ratio(a[0], b[0], '.2f')}x (wall), "
         f"{_ratio(a[1], b[1], '.2f')}x (CPU)"
     )
-    named, used = await peak_shm(64, 4 * MIB)
-    print(
-        f"64 concurrent 4 MiB array echoes, {WORKERS} workers: peak of corral's named "
-        f"segments {named / MIB:.0f} MiB; peak /dev/shm growth {used / MIB:.0f} MiB "
-        "(includes other programs' use)"
-    )
+    bursts: list[tuple[str, Any, dict[str, Any]]] = [
+        ("array", np.ones(4 * MIB // 8), {}),
+        ("bytes (views)", os.urandom(4 * MIB), {"large_bytes": "memoryview"}),
+    ]
+    for what, value, options in bursts:
+        named, used = await peak_shm(64, value, **options)
+        print(
+            f"64 concurrent 4 MiB {what} echoes, {WORKERS} workers: peak of corral's named "
+            f"segments {named / MIB:.0f} MiB; peak /dev/shm growth {used / MIB:.0f} MiB "
+            "(includes other programs' use)"
+        )
 
 
 def _has(module: str) -> bool:

@@ -393,3 +393,41 @@ async def test_a_cancelled_call_with_a_large_array_leaves_no_segment(tmp_path: P
         assert await blocked == 1
         assert same_array(np.arange(4), await pool.call("echo", np.arange(4)))
         assert segments(worker.spec.shm_prefix) == []
+
+
+# --- hostile array extensions --------------------------------------------------------
+
+MALFORMED_ARRAYS = [
+    ["<f8", [-1], "C", b""],  # negative dimension
+    ["<f8", [1.5], "C", b"\0" * 8],  # a dimension that is not an int
+    ["<f8", [True], "C", b"\0" * 8],  # nor a bool
+    ["<f8", [1] * 65, "C", b"\0" * 8],  # more dimensions than numpy has
+    ["<f8", [1], "X", b"\0" * 8],  # no such order
+    ["<f8", [1], "C"],  # a field missing
+    ["<f8", [1], "C", b"\0" * 8, 1],  # one too many
+    ["<f8", [2], "C", b"\0" * 8],  # fewer bytes than the shape needs
+    ["not a dtype", [1], "C", b"\0" * 8],
+    ["|O", [1], "C", b"\0" * 8],  # object dtype
+    ["<f8", "1", "C", b"\0" * 8],  # shape not a list
+    ["<f8", [1], "C", "text"],  # buffer neither bytes nor a reference
+    ["<f8", [1], "C", {"ext": 5}],  # an extension other than a segment reference
+    {"a": 1},
+    [],
+]
+
+
+@pytest.mark.parametrize("payload", MALFORMED_ARRAYS, ids=repr)
+def test_a_malformed_array_extension_is_a_protocol_error(payload: Any) -> None:
+    import msgspec
+
+    from corral._errors import ProtocolError
+    from corral._framing import FrameDecoder, FrameEncoder
+    from corral._messages import ParentBound, Result
+
+    if isinstance(payload, list) and len(payload) == 4 and payload[3] == {"ext": 5}:
+        payload = [*payload[:3], msgspec.msgpack.Ext(5, b"\0" * 8)]
+    frame = FrameEncoder().encode(
+        Result(1, msgspec.msgpack.Ext(2, msgspec.msgpack.encode(payload)))
+    )
+    with pytest.raises(ProtocolError):
+        FrameDecoder(ParentBound).feed(frame)  # type: ignore[arg-type]

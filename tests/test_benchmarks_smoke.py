@@ -185,6 +185,7 @@ def test_the_array_benchmark_prints_every_figure_and_ratio() -> None:
     assert "corral is" in run.stdout and "x ProcessPoolExecutor" in run.stdout
     assert "peak of corral's named segments" in run.stdout
     assert "64 MiB float64 ndarray over TCP: corral-tcp is" in run.stdout
+    assert "corral views" in run.stdout and "4 MiB bytes (views) echoes" in run.stdout
 
 
 def test_idle_memory_says_when_corral_runs_without_compiled_bytecode(

@@ -9,6 +9,8 @@ own process is SIGKILLed, not after close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import re
@@ -39,6 +41,8 @@ TARGET = "tests.workers.large:app"
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLD = 1024  # small, so that examples stay small
 POOLED = re.compile(r"-[pw]s\d+$")  # a segment a sender keeps for reuse
+# Crash safety holds whatever large bytes arrive as (copies, or views of their segments).
+RECEIVED_AS = pytest.mark.parametrize("received_as", ["bytes", "memoryview"])
 
 
 def segments(prefix: str, pooled: bool = False) -> list[str]:
@@ -197,10 +201,13 @@ async def test_a_disabled_threshold_keeps_every_buffer_on_the_pipes(
         assert await queued == pattern(4 * 2**20)
 
 
+@RECEIVED_AS
 async def test_a_worker_killed_before_reading_a_large_argument_leaves_no_segment(
-    tmp_path: Path,
+    tmp_path: Path, received_as: str
 ) -> None:
-    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+    async with Pool(
+        TARGET, size=1, large_buffer_threshold=THRESHOLD, large_bytes=received_as
+    ) as pool:
         worker = pool.workers[0]
         blocked, writer = await block_worker(pool, tmp_path / "never")
         queued = asyncio.ensure_future(pool.call("echo", pattern(THRESHOLD * 8)))
@@ -219,13 +226,18 @@ async def test_a_worker_killed_before_reading_a_large_argument_leaves_no_segment
     assert segments(pool._shm_prefix, pooled=True) == []
 
 
+@RECEIVED_AS
 @pytest.mark.parametrize("preload", [(), ("json",)], ids=["spawned", "forked"])
 async def test_a_worker_killed_after_writing_its_result_leaves_no_segment(
-    tmp_path: Path, preload: tuple[str, ...]
+    tmp_path: Path, preload: tuple[str, ...], received_as: str
 ) -> None:
     # A forked worker (preload) has a forked shepherd: it must unlink the same way.
     async with Pool(
-        TARGET, size=1, large_buffer_threshold=THRESHOLD, preload=list(preload)
+        TARGET,
+        size=1,
+        large_buffer_threshold=THRESHOLD,
+        preload=list(preload),
+        large_bytes=received_as,
     ) as pool:
         worker = pool.workers[0]
         prefix = worker.spec.shm_prefix
@@ -257,10 +269,13 @@ async def test_a_worker_that_dies_while_writing_a_result_leaves_no_segment() -> 
         assert segments(prefix, pooled=True) == []
 
 
+@RECEIVED_AS
 async def test_the_pool_unlinks_what_a_worker_left_when_its_shepherd_is_gone_too(
-    tmp_path: Path,
+    tmp_path: Path, received_as: str
 ) -> None:
-    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+    async with Pool(
+        TARGET, size=1, large_buffer_threshold=THRESHOLD, large_bytes=received_as
+    ) as pool:
         worker = pool.workers[0]
         assert worker._launched is not None
         blocked, writer = await block_worker(pool, tmp_path / "never")
@@ -276,10 +291,17 @@ async def test_the_pool_unlinks_what_a_worker_left_when_its_shepherd_is_gone_too
         assert segments(worker.spec.shm_prefix, pooled=True) == []
 
 
+@RECEIVED_AS
 async def test_closing_the_pool_with_large_calls_in_flight_leaves_nothing(
-    tmp_path: Path,
+    tmp_path: Path, received_as: str
 ) -> None:
-    pool = Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD, drain_timeout=0.2)
+    pool = Pool(
+        TARGET,
+        size=1,
+        large_buffer_threshold=THRESHOLD,
+        drain_timeout=0.2,
+        large_bytes=received_as,
+    )
     await pool.start()
     prefix = pool._shm_prefix
     assert await pool.call("echo", pattern(THRESHOLD * 4)) == pattern(THRESHOLD * 4)
@@ -327,7 +349,9 @@ PARENT = textwrap.dedent(
 
     async def main():
         fifo = sys.argv[1]
-        async with Pool("tests.workers.large:app", size=1, large_buffer_threshold=1024) as pool:
+        async with Pool(
+            "tests.workers.large:app", size=1, large_buffer_threshold=1024, large_bytes=sys.argv[2]
+        ) as pool:
             worker = pool.workers[0]
             blocked = asyncio.ensure_future(pool.call("make_after_fifo", fifo, 8192))
             held = await asyncio.to_thread(open, fifo, "wb", buffering=0)  # the handler waits
@@ -346,11 +370,12 @@ PARENT = textwrap.dedent(
 )
 
 
-def test_parent_sigkill_mid_call_leaves_no_segment(tmp_path: Path) -> None:
+@RECEIVED_AS
+def test_parent_sigkill_mid_call_leaves_no_segment(tmp_path: Path, received_as: str) -> None:
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(fifo)],
+        [sys.executable, "-c", PARENT, str(fifo), received_as],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -466,3 +491,156 @@ def test_large_buffer_threshold_is_validated() -> None:
     with pytest.raises(ValueError, match="large_buffer_threshold"):
         corral.PoolConfig(large_buffer_threshold=-1)
     assert corral.PoolConfig(large_buffer_threshold=None).large_buffer_threshold is None
+
+
+# --- large bytes as views (large_bytes="memoryview") -----------------------------------
+
+VIEWS = {"large_buffer_threshold": THRESHOLD, "large_bytes": "memoryview"}
+
+
+def mapped(prefix: str) -> list[str]:
+    """Segments under ``prefix`` this process still maps."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if prefix in line]
+
+
+async def test_opted_in_large_bytes_arrive_as_read_only_views_on_both_sides() -> None:
+    async with Pool(TARGET, size=1, **VIEWS) as pool:
+        big, small = pattern(THRESHOLD * 4), pattern(THRESHOLD)
+        # the handler's argument
+        assert await pool.call("describe", big) == ["memoryview", True, big]
+        assert await pool.call("describe", small) == ["bytes", True, small]
+        # the caller's result, and a view sent back as it came
+        result = await pool.call("make", THRESHOLD * 4)
+        assert type(result) is memoryview and result.readonly and result.format == "B"
+        assert result == big and bytes(result) == big and hash(result) == hash(big)
+        assert await pool.call("echo", result) == big
+        assert type(await pool.call("make", THRESHOLD)) is bytes
+        nested = await pool.call("make", THRESHOLD * 4, nested=True)
+        assert type(nested["outer"][1][1]) is memoryview
+        items = [item async for item in pool.stream("chunks", 3, THRESHOLD * 2)]
+        assert [type(i) for i in items] == [memoryview] * 3
+        assert [bytes(i) for i in items] == [pattern(THRESHOLD * 2 + i) for i in range(3)]
+        del result, nested, items
+        assert segments(pool._shm_prefix) == []
+
+
+async def test_without_the_opt_in_large_bytes_still_arrive_as_bytes() -> None:
+    async with Pool(TARGET, size=1, large_buffer_threshold=THRESHOLD) as pool:
+        assert type(await pool.call("make", THRESHOLD * 4)) is bytes
+        assert (await pool.call("describe", pattern(THRESHOLD * 4)))[0] == "bytes"
+
+
+def test_a_received_view_outlives_its_call_its_worker_and_its_pool() -> None:
+    async def main() -> tuple[list[Any], str]:
+        pool = Pool(TARGET, size=1, max_requests=2, **VIEWS)
+        await pool.start()
+        prefix = pool._shm_prefix
+        first = await pool.call("make", THRESHOLD * 64)
+        second = await pool.call("make", THRESHOLD * 65)  # the worker is recycled after it
+        await pool.wait_ready(timeout=30)
+        third = await pool.call("make", THRESHOLD * 66)
+        await pool.aclose()
+        return [first, second, third], prefix
+
+    held, prefix = asyncio.run(main())
+    assert [type(v) for v in held] == [memoryview] * 3
+    assert [bytes(v) for v in held] == [pattern(THRESHOLD * k) for k in (64, 65, 66)]
+    assert segments(prefix, pooled=True) == []  # every name is gone: the views hold the pages
+    assert mapped(prefix) != []
+    view = held[1][10:20]  # a slice keeps the pages too
+    del held
+    assert mapped(prefix) != []
+    assert bytes(view) == pattern(THRESHOLD * 65)[10:20]
+    del view
+    assert mapped(prefix) == []
+
+
+async def test_a_held_view_is_never_overwritten_by_later_results() -> None:
+    async with Pool(TARGET, size=1, **VIEWS) as pool:
+        held = [await pool.call("echo", bytes([k]) * (THRESHOLD * 32)) for k in range(8)]
+        assert [bytes(v) == bytes([k]) * (THRESHOLD * 32) for k, v in enumerate(held)] == [True] * 8
+        assert len(segments(pool.workers[0].spec.shm_prefix, pooled=True)) <= 8
+
+
+async def test_a_worker_killed_after_sending_a_view_argument_back_leaves_no_segment() -> None:
+    async with Pool(TARGET, size=1, **VIEWS) as pool:
+        prefix = pool.workers[0].spec.shm_prefix
+        with pytest.raises(corral.WorkerCrashed):
+            await pool.call("die_while_writing", THRESHOLD * 64)
+        assert segments(prefix, pooled=True) == []
+        await pool.wait_ready(timeout=30)
+        assert await pool.call("echo", pattern(THRESHOLD * 8)) == pattern(THRESHOLD * 8)
+
+
+def test_large_bytes_is_validated() -> None:
+    with pytest.raises(ValueError, match="large_bytes"):
+        corral.PoolConfig(large_bytes="view")  # type: ignore[arg-type]
+    assert corral.PoolConfig().large_bytes == "bytes"
+    assert corral.PoolConfig(large_bytes="memoryview").large_bytes == "memoryview"
+
+
+def flocks(pid: int) -> list[str]:
+    """The flock(2) locks that process ``pid`` holds (a reader's hold on a segment)."""
+    with open("/proc/locks") as locks:
+        return [line for line in locks if " FLOCK " in line and line.split()[4] == str(pid)]
+
+
+@pytest.mark.parametrize("sync_mode", ["inline", "thread"])
+async def test_a_worker_lets_go_of_a_large_argument_once_its_call_is_done(sync_mode: str) -> None:
+    # Not only when the next message arrives: a segment kept mapped by an idle
+    # worker is a segment its sender cannot reuse for the next call.
+    target = TARGET if sync_mode == "inline" else "tests.workers.large:threaded"
+    async with Pool(target, size=1, **VIEWS) as pool:
+        worker = pool.workers[0]
+        assert worker.pid is not None
+        big = pattern(THRESHOLD * 64)
+        assert (await pool.call("describe", big))[2] == big
+        assert wait_for(lambda: flocks(worker.pid) == [])
+
+
+def minor_faults() -> int:
+    with open("/proc/self/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[7])
+
+
+async def test_large_bytes_views_of_a_kept_segment_map_it_once() -> None:
+    # Received views of the segment its sender keeps for reuse share one mapping of
+    # it: no page is mapped again per message (a 16 MiB result is 4096 pages).
+    size = 16 * 2**20
+    async with Pool(TARGET, size=1, **VIEWS) as pool:
+        for _ in range(3):
+            assert len(await pool.call("make", size)) == size
+        tail = pattern(size)[-3:]
+        before = minor_faults()
+        for _ in range(5):
+            result = await pool.call("make", size)
+            assert result[size - 3 :] == tail
+            del result
+        assert minor_faults() - before < 4096 // 16  # less than one message's pages
+
+
+def open_segments(prefix: str) -> list[str]:
+    """Segments under ``prefix`` this process holds open (a descriptor, or a mapping)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if prefix in target:
+                held.append(target)
+    return held + mapped(prefix)
+
+
+async def test_a_dead_workers_kept_segments_are_let_go_by_the_pool() -> None:
+    async with Pool(TARGET, size=1, **VIEWS) as pool:
+        worker = pool.workers[0]
+        prefix = worker.spec.shm_prefix
+        for _ in range(3):
+            assert len(await pool.call("make", THRESHOLD * 64)) == THRESHOLD * 64
+        assert open_segments(prefix + "w") != []  # the worker's kept segment, mapped once
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        assert await pool._wait_until(lambda: worker not in pool.workers, 30)
+        await pool.wait_ready(timeout=30)
+        gc.collect()
+        assert open_segments(prefix) == []

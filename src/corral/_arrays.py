@@ -18,10 +18,11 @@ Layouts are in docs/protocol.md, "Arrays and tables".
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
@@ -45,6 +46,7 @@ _MAX_DIMS = 64  # numpy's own limit
 # numpy's descr conversions are Python code: cached for the dtypes seen.
 _DESCRS: dict[Any, Any] = {}
 _DTYPES: dict[str, Any] = {}
+_frombuffer: Any = None  # numpy.frombuffer, once an array has arrived
 
 
 class OverLimit(Exception):
@@ -59,6 +61,14 @@ def _reference(code: int, data: memoryview) -> Any:
 
 
 _decode_payload = msgspec.msgpack.Decoder(ext_hook=_reference).decode
+# An array's payload, checked as it is decoded (in C): descr, shape, order, buffer.
+_ArrayPayload = tuple[
+    Any,
+    Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=_MAX_DIMS)],
+    Literal["C", "F"],
+    bytearray | msgspec.msgpack.Ext,  # inline bytes, decoded into a private copy; or a reference
+]
+_decode_array_payload = msgspec.msgpack.Decoder(_ArrayPayload, ext_hook=_reference).decode
 
 
 class ArrayCodec:
@@ -154,18 +164,22 @@ class ArrayCodec:
         return msgspec.msgpack.Ext(LARGE_BUFFER_EXT, size.to_bytes(8, "big") + name.encode())
 
     def _ndarray(self, array: Any) -> msgspec.msgpack.Ext:
-        np = sys.modules["numpy"]
         dtype = array.dtype
-        if dtype.hasobject or dtype.kind not in "biufcmMSUV":
-            raise TypeError(
-                f"numpy.ndarray of dtype {dtype} cannot be sent: only fixed-size dtypes "
-                "travel without pickle"
-            )
         descr = _DESCRS.get(dtype)
         if descr is None:
-            descr = np.lib.format.dtype_to_descr(dtype)
-            if len(_DESCRS) < 256:
-                _DESCRS[dtype] = descr
+            descr = _descr(dtype)
+        large, stream, nbytes = self.large, self.stream, array.nbytes
+        if (large is None or nbytes <= large.threshold) and (
+            stream is None or nbytes <= stream.threshold
+        ):
+            # Inline (neither shared memory nor the stream after the frame takes
+            # it), the common case for small arrays: one C call copies the
+            # bytes in the order they are laid out (a strided array: C order).
+            order = "F" if array.flags.fnc else "C"
+            return msgspec.msgpack.Ext(
+                ARRAY_EXT, _encode((descr, array.shape, order, array.tobytes("A")))
+            )
+        np = sys.modules["numpy"]
         flags = array.flags
         if flags.c_contiguous:
             order, contiguous = "C", array
@@ -216,13 +230,36 @@ class ArrayCodec:
 
     def decode(self, code: int, data: memoryview, budget: int) -> tuple[Any, int]:
         """The value of an extension of ours, and the segment bytes it used."""
+        payload: Any = None
+        if code == ARRAY_EXT and _frombuffer is not None:
+            # The common case in as few steps as it takes: a one-dimensional
+            # inline array of a dtype seen before. Anything else: the general path.
+            try:
+                payload = _decode_array_payload(data)
+            except msgspec.DecodeError as exc:  # a ValidationError too
+                raise ProtocolError(f"malformed extension {code}: {exc}") from exc
+            descr, shape, _, raw = payload
+            if type(raw) is bytearray and len(shape) == 1 and type(descr) is str:
+                dtype = _DTYPES.get(descr)
+                if dtype is not None and 0 < shape[0] * dtype.itemsize <= len(raw):
+                    return _frombuffer(raw, dtype, shape[0]), 0
         try:
-            payload = _decode_payload(data)
-        except msgspec.DecodeError as exc:
+            if payload is None:
+                payload = (_decode_array_payload if code == ARRAY_EXT else _decode_payload)(data)
+        except msgspec.DecodeError as exc:  # a ValidationError too
             raise ProtocolError(f"malformed extension {code}: {exc}") from exc
-        if not isinstance(payload, list) or not payload:
+        shaped = type(payload) is tuple or (type(payload) is list and len(payload) > 0)
+        if not shaped:
             raise ProtocolError(f"malformed extension {code}: not an array")
-        buffer, used = self._open(payload[-1], budget)
+        raw = payload[-1]
+        # Inline bytes become a private, writable copy (an array's already are);
+        # a reference, a mapping.
+        if type(raw) is bytearray:
+            buffer, used = raw, 0
+        elif type(raw) is bytes:
+            buffer, used = bytearray(raw), 0
+        else:
+            buffer, used = self._open(raw, budget)
         try:
             if code == ARRAY_EXT:
                 return _read_ndarray(payload, buffer), used
@@ -248,10 +285,27 @@ class ArrayCodec:
             return self.stream.take(
                 bytes(buffer.data)
             ), 0  # counted when its frame's table was read
-        if isinstance(buffer, msgspec.msgpack.Ext) and self.large is not None:
+        if (
+            isinstance(buffer, msgspec.msgpack.Ext)
+            and buffer.code == LARGE_BUFFER_EXT
+            and self.large is not None
+        ):
             mapping, size = self.large.map(bytes(buffer.data), budget)
             return mapping, size
         raise ProtocolError("array or table buffer is neither inline bytes nor a segment reference")
+
+
+def _descr(dtype: Any) -> Any:
+    """A dtype's ``.npy`` description, remembered; TypeError for one that needs pickle."""
+    if dtype.hasobject or dtype.kind not in "biufcmMSUV":
+        raise TypeError(
+            f"numpy.ndarray of dtype {dtype} cannot be sent: only fixed-size dtypes "
+            "travel without pickle"
+        )
+    descr = sys.modules["numpy"].lib.format.dtype_to_descr(dtype)
+    if len(_DESCRS) < 256:
+        _DESCRS[dtype] = descr
+    return descr
 
 
 def _qualified(kind: type) -> str:
@@ -270,27 +324,20 @@ def _ipc_stream(pa: Any, value: Any, what: str) -> memoryview:
     return memoryview(sink.getvalue())
 
 
-def _read_ndarray(payload: list[Any], buffer: Any) -> Any:
-    import numpy as np
-
-    if len(payload) != 4:
-        raise ProtocolError("malformed array extension: expected 4 fields")
+def _read_ndarray(payload: Any, buffer: Any) -> Any:
+    """The array a payload describes, over ``buffer`` (its fields were checked on decoding)."""
+    global _frombuffer
+    np = sys.modules.get("numpy") or importlib.import_module("numpy")
+    _frombuffer = np.frombuffer
     descr, shape, order, _ = payload
-    if (
-        type(shape) is not list
-        or len(shape) > _MAX_DIMS
-        or order not in ("C", "F")
-        or any(type(n) is not int or n < 0 for n in shape)
-    ):
-        raise ProtocolError(f"malformed array extension: shape {shape!r}, order {order!r}")
-    dtype = _DTYPES.get(descr) if isinstance(descr, str) else None
+    dtype = _DTYPES.get(descr) if type(descr) is str else None
     if dtype is None:
         dtype = np.lib.format.descr_to_dtype(_tuples(descr))
+        if dtype.hasobject:
+            raise ProtocolError("array extension with an object dtype")
         if isinstance(descr, str) and len(_DTYPES) < 256:
             _DTYPES[descr] = dtype
-    if dtype.hasobject:
-        raise ProtocolError("array extension with an object dtype")
-    count = math.prod(shape)
+    count = shape[0] if len(shape) == 1 else math.prod(shape)
     if count * dtype.itemsize > len(buffer):
         raise ProtocolError(
             f"array of {count * dtype.itemsize} bytes announced, {len(buffer)} received"
@@ -300,7 +347,7 @@ def _read_ndarray(payload: list[Any], buffer: Any) -> Any:
     flat = np.frombuffer(buffer, dtype, count)
     if order == "F":
         return flat.reshape(shape[::-1]).T
-    return flat.reshape(shape)
+    return flat if len(shape) == 1 else flat.reshape(shape)
 
 
 def _tuples(descr: Any) -> Any:

@@ -11,7 +11,7 @@ import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ._compression import check_compression
 from ._door import check_count, check_seconds, check_timeout
@@ -78,6 +78,13 @@ class PoolConfig:
     #: (``corral[lz4]``) or ``"zstd"`` (``corral[zstd]``), both ways. Pipes and
     #: shared memory are never compressed. None: no compression.
     compression: str | None = None
+    #: What a ``bytes`` value that came through shared memory arrives as, in a
+    #: handler's arguments and in call and stream results: ``"bytes"`` (a copy,
+    #: the same type as a small one) or ``"memoryview"`` (a read-only view of the
+    #: segment, no copy, valid for as long as it is referenced). Values under
+    #: the threshold, or on the pipes, arrive as ``bytes`` either way.
+    #: See docs/decisions/0031.
+    large_bytes: Literal["bytes", "memoryview"] = "bytes"
     #: Callers allowed to wait for a worker; past it, PoolOverloaded. None: no bound.
     max_waiting: int | None = None
     #: How long a plain call or stream may wait for a worker before it is refused
@@ -138,6 +145,10 @@ class PoolConfig:
             raise ValueError(f"max_message_size must be in 1..{MAX_POSSIBLE_SIZE}")
         check_count(self.large_buffer_threshold, "large_buffer_threshold", optional=True)
         check_compression(self.compression)
+        if self.large_bytes not in ("bytes", "memoryview"):
+            raise ValueError(
+                f"large_bytes must be 'bytes' or 'memoryview', got {self.large_bytes!r}"
+            )
         check_count(self.max_waiting, "max_waiting", optional=True)
         check_count(self.max_restarts, "max_restarts")
         check_count(self.stream_window, "stream_window", minimum=1)

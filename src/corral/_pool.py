@@ -243,6 +243,10 @@ class Pool:
     ) -> Any:
         """Run ``method(*args, **kwargs)`` on a worker and return its result.
 
+        The result is the handler's return value as MessagePack carries it; in
+        a pool made with ``large_bytes="memoryview"``, bytes over
+        ``large_buffer_threshold`` in it arrive as read-only ``memoryview``s of
+        shared memory (and so do they in the handler's arguments).
         ``session`` pins the call to the worker holding that session's state.
         ``timeout`` is one deadline for the wait, the wire and the work.
         ``retries`` re-runs the call on another worker after WorkerCrashed, up to

@@ -34,6 +34,13 @@ under a hard link with an ordinary message name. The receiver takes a shared
 segment; the sender writes into a pooled segment again only once the message
 name is gone (the receiver unlinked it, or a cleanup did) and no shared lock is
 held (every view was released).
+
+Views of bytes (``large_bytes="memoryview"``, docs/decisions/0031): the
+receiver keeps a shared mapping of each segment its sender keeps for reuse, made
+once, and each value it receives through one is a read-only view of that
+mapping, holding its own descriptor (and shared lock) until it is released: no
+mapping, page-table or unmapping work per message. A one-off segment is mapped
+for its value alone.
 """
 
 from __future__ import annotations
@@ -143,7 +150,7 @@ def _populate(mapping: mmap.mmap, advice: int) -> None:
 
 def _size_of(value: Any) -> int:
     """Bytes in a bytes-like value (0 for anything else, or a non-contiguous view)."""
-    if isinstance(value, bytes | bytearray):
+    if isinstance(value, (bytes, bytearray)):  # a tuple: ``bytes | bytearray`` is built per call
         return len(value)
     if isinstance(value, memoryview):
         return value.nbytes if value.c_contiguous else 0
@@ -302,6 +309,104 @@ def _release_slots(slots: list[_Slot], directory: str) -> None:
             os.unlink(os.path.join(directory, slot.home))
 
 
+_HOLDERS: dict[int, Any] = {}  # capacity -> its ctypes array type (powers of two: few)
+
+
+def _holder_type(capacity: int) -> Any:
+    """The ctypes array type that holds a value's view of a kept mapping.
+
+    ctypes is imported here, on the first such view, never before; the type is
+    hashable (by identity) because hashing a ``memoryview`` hashes its exporter.
+    """
+    holder = _HOLDERS.get(capacity)
+    if holder is None:
+        import ctypes
+
+        holder = type("_Held", (ctypes.c_ubyte * capacity,), {"__hash__": object.__hash__})
+        _HOLDERS[capacity] = holder
+    return holder
+
+
+class _KeptMappings:
+    """A receiver's mappings of the segments its sender keeps for reuse.
+
+    A segment that still has a link once its message name is unlinked is one
+    its sender keeps (``<prefix><p|w>s<k>``): it is mapped once, shared, and
+    the mapping kept, at most ``POOL_SLOTS`` of them, each forgotten as soon as
+    its sender has dropped the segment. Each value is a read-only ``memoryview``
+    of a ``ctypes`` array over the mapping, whose finalizer closes the value's
+    own descriptor and so releases its shared lock: the sender writes into the
+    segment again only once every view of that value is gone.
+    """
+
+    __slots__ = ("__weakref__", "_mappings", "_release")
+
+    def __init__(self) -> None:
+        # inode -> (a descriptor without a lock, the mapping)
+        self._mappings: dict[int, tuple[int, mmap.mmap]] = {}
+        # Dropped without close() (a connection that was never closed): still let go.
+        self._release = weakref.finalize(self, _forget_mappings, self._mappings)
+
+    def view(self, fd: int, size: int) -> memoryview:
+        """A read-only view of the first ``size`` bytes of the segment open on ``fd``.
+
+        Takes ``fd`` (which holds the value's shared lock): it is closed when
+        the view and every slice of it are released.
+        """
+        info = os.fstat(fd)
+        self._forget_dropped()
+        mapping = self._mapping(fd, info) if info.st_nlink else None
+        if mapping is None:  # a one-off segment: mapped for this value alone
+            alone = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            os.close(fd)  # the mapping holds a duplicate, and with it the lock
+            _populate(alone, _MADV_POPULATE_READ)
+            return memoryview(alone)
+        holder = _holder_type(len(mapping)).from_buffer(mapping)
+        weakref.finalize(holder, os.close, fd)
+        return memoryview(holder).cast("B")[:size].toreadonly()
+
+    def _mapping(self, fd: int, info: os.stat_result) -> mmap.mmap | None:
+        kept = self._mappings.get(info.st_ino)
+        if kept is not None and os.path.samestat(os.fstat(kept[0]), info):
+            return kept[1]
+        try:
+            # A descriptor of its own, so the kept mapping holds no lock: only values do.
+            own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return None  # no /proc: every value gets a mapping of its own
+        try:
+            # Shared and writable, as ctypes needs; what is handed out is read-only.
+            mapping = mmap.mmap(own, info.st_size)
+        except BaseException:
+            os.close(own)
+            raise
+        _populate(mapping, _MADV_POPULATE_READ)
+        while len(self._mappings) >= POOL_SLOTS:
+            self._drop(next(iter(self._mappings)))
+        self._mappings[info.st_ino] = (own, mapping)
+        return mapping
+
+    def _forget_dropped(self) -> None:
+        """Forget mappings of segments their sender no longer keeps (their pages go)."""
+        for inode, (own, _) in list(self._mappings.items()):
+            if os.fstat(own).st_nlink == 0:
+                self._drop(inode)
+
+    def _drop(self, inode: int) -> None:
+        own, _ = self._mappings.pop(inode)
+        os.close(own)  # the mapping itself goes with the last view of it
+
+    def close(self) -> None:
+        self._release()
+
+
+def _forget_mappings(mappings: dict[int, tuple[int, mmap.mmap]]) -> None:
+    """Close the kept descriptors (the dict is emptied); mappings go with their last view."""
+    while mappings:
+        _, (own, _) = mappings.popitem()
+        os.close(own)
+
+
 class LargeBuffers:
     """One side of one worker's connection: writes and reads its segments.
 
@@ -311,9 +416,27 @@ class LargeBuffers:
     ``threshold`` bytes go out of band.
     """
 
-    __slots__ = ("_counter", "_warned", "directory", "origin", "pool", "prefix", "threshold")
+    __slots__ = (
+        "_counter",
+        "_kept_views",
+        "_warned",
+        "directory",
+        "origin",
+        "pool",
+        "prefix",
+        "threshold",
+        "views",
+    )
 
-    def __init__(self, prefix: str, threshold: int, origin: str, directory: str = SHM_DIR) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        threshold: int,
+        origin: str,
+        directory: str = SHM_DIR,
+        *,
+        views: bool = False,
+    ) -> None:
         _check_prefix(prefix)
         if threshold < 1:
             raise ValueError(f"threshold must be >= 1, got {threshold}")
@@ -323,6 +446,8 @@ class LargeBuffers:
         self.threshold = threshold
         self.origin = origin
         self.directory = directory
+        self.views = views
+        self._kept_views = _KeptMappings() if views else None
         self._counter = 0
         self._warned = False
         self.pool = SegmentPool(prefix + origin, directory)
@@ -440,8 +565,13 @@ class LargeBuffers:
         os.close(fd)
 
     def close(self) -> None:
-        """Unlink the pooled segments (at the end of the connection)."""
+        """Unlink the pooled segments and forget the other side's (end of the connection).
+
+        Views already handed out stay valid: each holds its mapping.
+        """
         self.pool.close()
+        if self._kept_views is not None:
+            self._kept_views.close()
 
     def discard(self, names: list[str]) -> None:
         """Unlink segments written for a message that will not be sent."""
@@ -453,18 +583,30 @@ class LargeBuffers:
 
     # --- receiving ------------------------------------------------------------------
 
-    def load(self, data: bytes, budget: int) -> bytes:
-        """Read the segment a reference names, unlink it, and return its bytes.
+    def load(self, data: bytes, budget: int) -> bytes | memoryview:
+        """The bytes of the segment a reference names, which is unlinked.
+
+        A copy (``bytes``), or with ``views`` a read-only ``memoryview`` of a
+        shared mapping of the segment (``_KeptMappings``): no copy, and the
+        descriptor and shared lock that keep a pooled segment from being
+        written again live exactly as long as the view (and any slice of it).
 
         Raises LostSegment if it is missing, ProtocolError for a malformed
         reference, a name outside this worker's prefix, a segment smaller than
         the reference says, or a size over ``budget``.
         """
         fd, size, name = self._open(data, budget)
+        kept = self._kept_views
+        if kept is None or size == 0:
+            try:
+                return _read_all(fd, size, name)
+            finally:
+                os.close(fd)
         try:
-            return _read_all(fd, size, name)
-        finally:
+            return kept.view(fd, size)  # owns ``fd`` from here on
+        except BaseException:
             os.close(fd)
+            raise
 
     def map(self, data: bytes, budget: int) -> tuple[mmap.mmap, int]:
         """Map the segment a reference names (copy-on-write), unlink it; also its size.

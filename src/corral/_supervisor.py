@@ -181,6 +181,7 @@ class Supervisor:
             # No prefix when the path is off: nothing to unlink when the worker ends.
             shm_prefix=f"{self._shm_prefix}{number}-" if cfg.large_buffer_threshold else "",
             compression=cfg.compression,
+            large_bytes_views=cfg.large_bytes == "memoryview",
         )
         worker = WorkerHandle(
             spec,

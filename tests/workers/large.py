@@ -78,3 +78,16 @@ def die_while_writing(size: int) -> bytes:
 def make_many(n: int, size: int) -> list[bytes]:
     """A list of ``n`` buffers of ``size`` bytes: each under the threshold or not."""
     return [pattern(size) for _ in range(n)]
+
+
+@app.handler
+def describe(value) -> list:
+    """What the handler received: its type's name, whether it is read-only, its bytes."""
+    readonly = value.readonly if isinstance(value, memoryview) else isinstance(value, bytes)
+    return [type(value).__name__, readonly, bytes(value)]
+
+
+#: The same handlers, run on a thread of their own while the event loop reads.
+threaded = App(sync_mode="thread")
+for _name in ("echo", "describe", "make"):
+    threaded.handler(globals()[_name])

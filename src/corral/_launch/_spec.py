@@ -62,6 +62,8 @@ class WorkerSpec:
     # Set by the shim for the worker it starts; ``compression`` by the pool.
     stream_threshold: int = 0
     compression: str | None = None
+    # True: large bytes arrive as read-only memoryviews of their segments (both sides).
+    large_bytes_views: bool = False
 
     def command(self, read_fd: int, write_fd: int, control_fd: int) -> list[str]:
         """The worker's argv (without the shepherd in front)."""
@@ -85,6 +87,7 @@ class WorkerSpec:
                 str(self.large_buffer_threshold),
                 "--shm-prefix",
                 self.shm_prefix,
+                *(["--large-bytes", "memoryview"] if self.large_bytes_views else []),
             ]
             if self.large_buffer_threshold
             else []
@@ -110,7 +113,9 @@ class WorkerSpec:
         """The pool's side of this worker's segments; None when the path is off."""
         if not self.large_buffer_threshold:
             return None
-        return LargeBuffers(self.shm_prefix, self.large_buffer_threshold, "p")
+        return LargeBuffers(
+            self.shm_prefix, self.large_buffer_threshold, "p", views=self.large_bytes_views
+        )
 
     def environment(self) -> dict[str, str]:
         if self.env_allowlist is None:

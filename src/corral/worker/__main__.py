@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shm-prefix", default="")
     parser.add_argument("--stream-threshold", type=int, default=0)
     parser.add_argument("--compression", default=None)
+    parser.add_argument("--large-bytes", choices=("bytes", "memoryview"), default="bytes")
     return parser
 
 
@@ -118,6 +119,7 @@ _OPTIONS = {
     "--shm-prefix": str,
     "--stream-threshold": int,
     "--compression": str,
+    "--large-bytes": str,
 }
 
 
@@ -136,6 +138,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace | SimpleNamespace:
         "shm_prefix": "",
         "stream_threshold": 0,
         "compression": None,
+        "large_bytes": "bytes",
     }
     rest = list(argv)
     try:
@@ -188,7 +191,12 @@ def main(argv: list[str] | None = None) -> None:
 
     large = None
     if args.large_buffer_threshold > 0:
-        large = LargeBuffers(args.shm_prefix, args.large_buffer_threshold, "w")
+        large = LargeBuffers(
+            args.shm_prefix,
+            args.large_buffer_threshold,
+            "w",
+            views=args.large_bytes == "memoryview",
+        )
     stream = None
     if args.stream_threshold > 0:  # a socket to the pool: buffers follow their frames
         stream = (args.stream_threshold, args.compression)

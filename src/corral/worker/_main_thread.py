@@ -266,6 +266,9 @@ class MainThreadRuntime:
                     start(message)
                 else:
                     dispatch(message)
+            # Held no longer while the next read blocks: a large argument's
+            # segment goes as soon as its call is done, so its sender reuses it.
+            message = messages = None  # type: ignore[assignment]
             if self._out:
                 self.flush()
             failed = decoder.failed  # after frames that arrived whole (a lost segment)
