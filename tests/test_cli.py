@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -270,3 +271,16 @@ def test_corral_top_and_demo_mistakes_give_one_line() -> None:
         assert run.returncode == code, (args, run.stderr)
         assert run.stderr.startswith(f"corral {args[0]}: "), run.stderr
         assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+
+
+def test_corral_bench_reads_cpu_finer_than_a_clock_tick_and_never_divides_by_zero() -> None:
+    """A quick run's floor worker spends a few ms: ``stat``'s 10 ms ticks would read 0."""
+    from corral._bench import _cpu_of, _ratio
+
+    before = _cpu_of(os.getpid())
+    deadline = time.perf_counter() + 0.002
+    while time.perf_counter() < deadline:  # 2 ms on the CPU, a fifth of a tick
+        pass
+    assert 0 < _cpu_of(os.getpid()) - before < 1
+    assert _ratio(2.0, 0.0, 8).strip() == "n/a"
+    assert _ratio(3.0, 2.0, 8) == "    1.50x"
