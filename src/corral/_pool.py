@@ -39,7 +39,7 @@ from ._door import (
     running_loop,
 )
 from ._errors import PoolClosed, PoolTimeout, SessionLost, WorkerCrashed, WorkerStartError
-from ._handle import WorkerHandle
+from ._handle import PendingCall, WorkerHandle
 from ._launch import Launcher, LocalLauncher
 from ._lease import Checkout, WorkerLease
 from ._log import get_logger
@@ -267,18 +267,33 @@ class Pool:
             attempt = 0
             while True:
                 worker = self._dispatcher.try_acquire(session)
-                if worker is None:
-                    worker = await self._dispatcher.acquire(session, False, deadline, method)
                 try:
-                    pending = calls.start(worker, method, args, kwargs, session, deadline, span)
-                except SessionLost:
-                    self._sessions.told_lost(session)  # told now: only once
-                    raise
-                try:
-                    result = await pending.future
-                except asyncio.CancelledError:
-                    worker.cancel(pending)
-                    raise
+                    if worker is None and session is None:
+                        # Every slot is taken: the call waits in the queue as a call,
+                        # and the dispatcher sends it when a slot frees (decision 0027).
+                        def send(worker: WorkerHandle, future: asyncio.Future[Any]) -> PendingCall:
+                            return calls.start(
+                                worker, method, args, kwargs, None, deadline, span, future=future
+                            )
+
+                        result = await self._dispatcher.call_when_free(deadline, method, send)
+                    else:
+                        if worker is None:
+                            worker = await self._dispatcher.acquire(
+                                session, False, deadline, method
+                            )
+                        try:
+                            pending = calls.start(
+                                worker, method, args, kwargs, session, deadline, span
+                            )
+                        except SessionLost:
+                            self._sessions.told_lost(session)  # told now: only once
+                            raise
+                        try:
+                            result = await pending.future
+                        except asyncio.CancelledError:
+                            worker.cancel(pending)
+                            raise
                 except WorkerCrashed as exc:
                     if attempt >= retries or isinstance(exc, SessionLost):
                         raise
