@@ -219,7 +219,8 @@ class Dispatcher:
         Returns the call's result; raises its error (PoolClosed, PoolOverloaded,
         CallTimeout or PoolTimeout while it waits; whatever ``send`` raises).
         """
-        self._lifecycle.check_open()
+        if not self._lifecycle.open:
+            self._lifecycle.check_open()
         waiter = self._queue(None, False, deadline, method, send)
         try:
             return await waiter.future
@@ -253,7 +254,11 @@ class Dispatcher:
         loop = self._lifecycle.loop
         assert loop is not None  # set when the pool started; check_open() passed
         waiter = _Waiter(loop.create_future(), session, exclusive, method, send)
-        queues.add(waiter, self._sessions.get(session) if session is not None else None)
+        if session is None and not exclusive:
+            waiter.queued = True
+            queues.plain.append(waiter)
+        else:
+            queues.add(waiter, self._sessions.get(session) if session is not None else None)
         self._callers_waiting()
         if (
             session is not None
@@ -287,7 +292,8 @@ class Dispatcher:
             waiter.timer.cancel()
         if not waiter.future.done():
             waiter.future.cancel()
-        self.queues.discard(waiter)
+        if waiter.queued:
+            self.queues.discard(waiter)
         if waiter.exclusive and not self.queues.exclusive:
             self.serve()  # a claim held for this caller may be released
 
