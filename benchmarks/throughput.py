@@ -175,11 +175,16 @@ def main(argv: list[str] | None = None) -> None:
     floor = best["floor"]
     heads = ("calls/s", "parent CPU/call", "workers CPU/call", "reads+writes/call")
     print(f"{'':16} {heads[0]:>16} {heads[1]:>20} {heads[2]:>20} {heads[3]:>24}")
+
+    def ratio(r: dict[str, float], key: str) -> str:
+        # A quick run can measure no CPU at all (the counters tick every 10 ms).
+        return f"({r[key] / floor[key]:4.2f}x)" if floor[key] else "(  n/a)"
+
     for name, r in best.items():
         print(
-            f"{name:16} {r['calls_per_s']:9.0f} ({r['calls_per_s'] / floor['calls_per_s']:4.2f}x)"
-            f" {r['parent_us']:9.1f} us ({r['parent_us'] / floor['parent_us']:4.2f}x)"
-            f" {r['worker_us']:9.1f} us ({r['worker_us'] / floor['worker_us']:4.2f}x)"
+            f"{name:16} {r['calls_per_s']:9.0f} {ratio(r, 'calls_per_s')}"
+            f" {r['parent_us']:9.1f} us {ratio(r, 'parent_us')}"
+            f" {r['worker_us']:9.1f} us {ratio(r, 'worker_us')}"
             f"   parent {r['parent_reads']:.2f}+{r['parent_writes']:.2f}"
             f" workers {r['worker_reads']:.2f}+{r['worker_writes']:.2f}"
         )
