@@ -13,7 +13,7 @@ import asyncio
 
 import pytest
 
-from corral import EncodeError, Pool, PoolClosed, WorkerCrashed
+from corral import EncodeError, Pool, PoolClosed, SessionLost, WorkerCrashed
 
 TARGET = "tests.workers.queued:app"
 
@@ -143,3 +143,28 @@ async def test_queued_calls_fail_with_pool_closed_when_the_pool_closes() -> None
         with pytest.raises(PoolClosed):
             await task
     assert await holding is False  # the call in flight was let finish
+
+
+async def test_a_queued_session_call_waits_for_its_own_worker_and_runs_there() -> None:
+    async with Pool(TARGET, size=2, max_concurrency=1) as pool:
+        home = await pool.call("pid", session="s")
+        holding = asyncio.create_task(pool.call("hold", 0.3, session="s"))
+        await asyncio.sleep(0)
+        (queued,) = await queue_behind(pool, [pool.call("pid", session="s")])
+        assert await pool.call("pid") != home  # the other worker is free meanwhile
+        assert pool.stats().waiting == 1  # and the session call still waits for its own
+        assert await holding is False
+        assert await queued == home
+
+
+async def test_a_queued_session_call_whose_worker_dies_is_told_once() -> None:
+    async with Pool(TARGET, size=2, max_concurrency=1) as pool:
+        await pool.call("pid", session="s")
+        crashing = asyncio.create_task(pool.call("crash", session="s"))
+        await asyncio.sleep(0)
+        (queued,) = await queue_behind(pool, [pool.call("pid", session="s")])
+        with pytest.raises(SessionLost):
+            await crashing
+        # The crash was told to the call in flight: the queued one starts the session afresh.
+        assert isinstance(await queued, int)
+        assert isinstance(await pool.call("pid", session="s"), int)

@@ -22,7 +22,14 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _router
-from ._errors import CallTimeout, CorralError, PoolFailed, PoolOverloaded, PoolTimeout
+from ._errors import (
+    CallTimeout,
+    CorralError,
+    PoolFailed,
+    PoolOverloaded,
+    PoolTimeout,
+    SessionLost,
+)
 from ._handle import PendingCall, WorkerHandle
 from ._pool_state import PoolLifecycle, PoolState
 from ._sessions import Sessions
@@ -211,8 +218,10 @@ class Dispatcher:
         finally:
             self._leave(waiter)
 
-    async def call_when_free(self, deadline: float | None, method: str, send: SendQueued) -> Any:
-        """A plain call that found no free slot: it waits in the queue as a call.
+    async def call_when_free(
+        self, session: str | None, deadline: float | None, method: str, send: SendQueued
+    ) -> Any:
+        """A call that found no free slot: it waits in the queue as a call.
 
         When a slot frees up, ``serve`` sends it on that worker at once, in the
         step that freed the slot, so its caller wakes once, for the outcome.
@@ -221,7 +230,7 @@ class Dispatcher:
         """
         if not self._lifecycle.open:
             self._lifecycle.check_open()
-        waiter = self._queue(None, False, deadline, method, send)
+        waiter = self._queue(session, False, deadline, method, send)
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -416,8 +425,11 @@ class Dispatcher:
                 waiter.future.set_exception(exc)
                 continue
             if worker is not None:
-                queues.discard(waiter)
-                self._grant(waiter, worker)
+                queues.discard(waiter)  # first: sending may serve again
+                if waiter.send is None:
+                    self._grant(waiter, worker)
+                else:
+                    self._send_queued(waiter, worker)
                 grants += 1
                 continue
             new_home = self._sessions.get(waiter.session)
@@ -432,8 +444,7 @@ class Dispatcher:
         worker.reserve(waiter.exclusive)
         waiter.future.set_result(worker)
 
-    @staticmethod
-    def _send_queued(waiter: _Waiter, worker: WorkerHandle) -> None:
+    def _send_queued(self, waiter: _Waiter, worker: WorkerHandle) -> None:
         """Send a queued call on the slot granted to it; its caller hears the outcome."""
         assert waiter.send is not None
         if waiter.timer is not None:
@@ -444,6 +455,8 @@ class Dispatcher:
         try:
             waiter.pending = waiter.send(worker, waiter.future)
         except CorralError as exc:  # nothing sent, the slot given back: the caller's error
+            if isinstance(exc, SessionLost):
+                self._sessions.told_lost(waiter.session)  # told now: only once
             if not waiter.future.done():
                 waiter.future.set_exception(exc)
 

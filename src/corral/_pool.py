@@ -268,20 +268,19 @@ class Pool:
             while True:
                 worker = self._dispatcher.try_acquire(session)
                 try:
-                    if worker is None and session is None:
-                        # Every slot is taken: the call waits in the queue as a call,
-                        # and the dispatcher sends it when a slot frees (decision 0027).
+                    if worker is None:
+                        # Every slot it could take is taken: the call waits in the queue
+                        # as a call, and the dispatcher sends it when a slot frees
+                        # (decision 0027).
                         def send(worker: WorkerHandle, future: asyncio.Future[Any]) -> PendingCall:
                             return calls.start(
-                                worker, method, args, kwargs, None, deadline, span, future=future
+                                worker, method, args, kwargs, session, deadline, span, future=future
                             )
 
-                        result = await self._dispatcher.call_when_free(deadline, method, send)
+                        result = await self._dispatcher.call_when_free(
+                            session, deadline, method, send
+                        )
                     else:
-                        if worker is None:
-                            worker = await self._dispatcher.acquire(
-                                session, False, deadline, method
-                            )
                         try:
                             pending = calls.start(
                                 worker, method, args, kwargs, session, deadline, span

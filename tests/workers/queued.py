@@ -44,3 +44,10 @@ def crash() -> None:
     import os
 
     os._exit(3)
+
+
+@app.handler
+def pid() -> int:
+    import os
+
+    return os.getpid()
