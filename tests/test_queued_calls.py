@@ -168,3 +168,43 @@ async def test_a_queued_session_call_whose_worker_dies_is_told_once() -> None:
         # The crash was told to the call in flight: the queued one starts the session afresh.
         assert isinstance(await queued, int)
         assert isinstance(await pool.call("pid", session="s"), int)
+
+
+async def test_a_burst_that_reaches_the_worker_in_one_read_keeps_every_outcome_apart() -> None:
+    # 40 calls sent in one loop round go out in one write and are read by the worker
+    # together: a handler that raises, a result over the size limit, a print and a
+    # cancelled call in the middle of the burst touch no other call's outcome.
+    from corral import PayloadTooLarge, RemoteError
+
+    async with Pool(TARGET, size=1, max_concurrency=64, max_message_size=64 * 1024) as pool:
+        await pool.call("echo", 0)
+        kinds = ["echo", "boom", "big", "shout", "hold"]
+        calls = []
+        for i in range(40):
+            kind = kinds[i % len(kinds)]
+            if kind == "big":
+                calls.append(pool.call("big", 128 * 1024))
+            elif kind == "hold":
+                calls.append(pool.call("hold", 30.0))
+            else:
+                calls.append(pool.call(kind, i if kind != "shout" else f"line {i}"))
+        tasks = [asyncio.create_task(call) for call in calls]
+        await asyncio.sleep(0)  # every call sent, in one round
+        held = [t for i, t in enumerate(tasks) if kinds[i % len(kinds)] == "hold"]
+        for task in held:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for i, outcome in enumerate(outcomes):
+            kind = kinds[i % len(kinds)]
+            if kind == "echo":
+                assert outcome == i
+            elif kind == "boom":
+                assert isinstance(outcome, RemoteError) and f"boom {i}" in outcome.message
+            elif kind == "big":
+                assert isinstance(outcome, PayloadTooLarge)
+            elif kind == "shout":
+                assert outcome == f"line {i}"
+            else:
+                assert isinstance(outcome, asyncio.CancelledError)
+        assert await asyncio.wait_for(pool.call("echo", "after"), 10) == "after"
+        assert pool.stats().restarts == 0

@@ -51,3 +51,19 @@ def pid() -> int:
     import os
 
     return os.getpid()
+
+
+@app.handler
+def boom(i: int) -> None:
+    raise ValueError(f"boom {i}")
+
+
+@app.handler
+def big(n: int) -> bytes:
+    return b"x" * n
+
+
+@app.handler
+def shout(text: str) -> str:
+    print(text)  # the worker's stdout goes to stderr, never into the protocol
+    return text
