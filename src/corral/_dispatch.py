@@ -3,12 +3,13 @@
 Owns: the wait queues (``WaitQueues``: plain calls, checkouts, and session
 callers queued by their home worker), the claim (one worker drained for a
 waiting checkout), the one pair that hands out slots (``try_acquire``, the fast
-path with nothing to wait for, and ``acquire``, which waits), handing freed
-capacity to waiters (``serve``, which returns how many it granted), and the
-watchers woken on every change (``wait_until``). Decisions come from
-``_router`` (pure) and ``Sessions`` (a session's home). Must not touch: worker
-processes, the restart budget or recycling (the supervisor), or what a call
-sends (the call path).
+path with nothing to wait for, and ``acquire``, which waits), calls that wait
+in the queue as calls (``call_when_free``: sent by ``serve`` through the send
+function the call path gave them, decision 0027), handing freed capacity to
+waiters (``serve``, which returns how many it granted), and the watchers woken
+on every change (``wait_until``). Decisions come from ``_router`` (pure) and
+``Sessions`` (a session's home). Must not touch: worker processes, the restart
+budget or recycling (the supervisor), or what a call sends (the call path).
 
 Accounting rule: a slot is reserved on the worker synchronously when granted,
 and given back synchronously by whoever took it, on every path.

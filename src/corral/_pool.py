@@ -6,8 +6,8 @@ nothing else: each kind of state has one owner, which this module wires up.
 - ``PoolLifecycle`` (``_pool_state``): the pool's state and its legal moves.
 - ``Supervisor`` (``_supervisor``): the workers, their number, restarts,
   recycling, heartbeats, memory, and what happens when one exits.
-- ``Dispatcher`` (``_dispatch``): waiting callers, the claim, and handing out
-  slots (``try_acquire`` / ``acquire``).
+- ``Dispatcher`` (``_dispatch``): waiting callers and queued calls, the claim,
+  and handing out slots (``try_acquire`` / ``acquire`` / ``call_when_free``).
 - ``Sessions`` (``_sessions``): which worker holds each session.
 - ``CallPath`` (``_calls``): starting calls and counting how they end;
   ``WorkerLease``/``Checkout`` (``_lease``) and ``CallStream`` (``_stream``).
