@@ -270,15 +270,17 @@ class Dispatcher:
         else:
             queues.add(waiter, self._sessions.get(session) if session is not None else None)
         self._callers_waiting()
-        if (
-            session is not None
-            or exclusive
-            or ((queues.exclusive or queues.plain[0].future.done()) and self._workers_free())
+        if session is not None:
+            # A new session pins now (every queue is looked at); a known one
+            # joined its home's queue, the only one that changed.
+            self.serve(waiter.home)
+        elif exclusive or (
+            (queues.exclusive or queues.plain[0].future.done()) and self._workers_free()
         ):
-            # A session pins now, a checkout may claim a worker, and a plain
-            # caller queued behind callers that are leaving (done, still at the
-            # head) may be served at once; otherwise no worker can take it:
-            # the callers ahead of it are waiting for the same thing.
+            # A checkout may claim a worker, and a plain caller queued behind
+            # callers that are leaving (done, still at the head) may be served
+            # at once; otherwise no worker can take it: the callers ahead of it
+            # are waiting for the same thing.
             self.serve()
         elif self._watchers:
             self.wake_watchers()  # a new waiter is a change too
