@@ -5,6 +5,7 @@
     python -m benchmarks.run --sweep    # echo by size, pipes against /dev/shm
     python -m benchmarks.run --placed   # also workers over TCP and on a local Ray
     python -m benchmarks.run --cost     # only what one call costs (benchmarks/cost.py)
+    python -m benchmarks.run --throughput   # only CPU per call under load
 
 Every system runs the same task functions (benchmarks/tasks.py) with 2 worker
 processes. Figures are printed with their ratio to the floor (benchmarks/floor.py)
@@ -16,7 +17,9 @@ Sequential latency is measured with this process and its workers pinned to one
 CPU (children inherit the affinity), which makes runs comparable here; the
 throughput figures use every CPU. After the table come the cost tables of
 benchmarks/cost.py (CPU and system calls per call on each side, idle memory,
-cold start), unless ``--systems`` picks some systems only. ``corral tcp`` and
+cold start) and of benchmarks/throughput.py (CPU and system calls per call
+on each side with 64 callers in flight), unless ``--systems`` picks some
+systems only. ``corral tcp`` and
 ``corral ray`` are corral with workers that connect back over TCP (loopback):
 started by a local shim, and placed by a local Ray instance (``RayLauncher``,
 when Ray is installed); they are measured only with ``--placed`` (or named in
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from benchmarks import cost, tasks
+from benchmarks import throughput as under_load
 from benchmarks.floor import FloorPool
 
 WORKERS = 2
@@ -431,6 +435,9 @@ async def main_async(args: argparse.Namespace, progress: Progress = NO_PROGRESS)
     if args.cost:
         await cost.main_async(args.quick)
         return
+    if args.throughput:
+        await _throughput_table(args)
+        return
     names = selected_systems(args)
     names = [n for n in names if _available(n)]
     if "floor" not in names:
@@ -484,6 +491,18 @@ async def main_async(args: argparse.Namespace, progress: Progress = NO_PROGRESS)
     sys.stdout.flush()
     if not args.systems:  # the whole benchmark: the cost tables too
         await cost.main_async(args.quick)
+        await _throughput_table(args)
+
+
+async def _throughput_table(args: argparse.Namespace) -> None:
+    """benchmarks/throughput.py: each side's CPU per call with 64 callers in flight."""
+    argv = ["--calls", "2000", "--rounds", "1"] if args.quick else []
+    argv += ["--max-concurrency", "32"] + (["--uvloop"] if args.uvloop else [])
+    sys.stdout.write(
+        "\nCPU per call, 64 callers in flight over 2 workers (benchmarks/throughput.py)\n"
+    )
+    sys.stdout.flush()
+    await asyncio.to_thread(under_load.main, argv)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -507,6 +526,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--cost",
         action="store_true",
         help="only the cost tables: CPU and system calls per call on each side, memory, cold start",
+    )
+    parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help="only CPU and system calls per call on each side with 64 callers in flight",
     )
     return parser
 

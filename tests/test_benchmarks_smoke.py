@@ -219,3 +219,22 @@ def test_idle_memory_says_when_corral_runs_without_compiled_bytecode(
     out = io.StringIO()
     cost.print_memory(rss, {"floor": 100.0}, out)
     assert "compiled bytecode" not in out.getvalue()
+
+
+@pytest.mark.timeout(240)
+def test_quick_throughput_table_prints_each_side_against_the_floor() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--throughput"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[0]: line for line in run.stdout.splitlines() if line.strip()}
+    assert {"floor", "corral", "mc=32"} <= set(rows)
+    assert "(1.00x)" in rows["floor"]
+    for name in ("corral", "mc=32"):
+        # calls/s, parent CPU and workers' CPU, each with its ratio; then system calls
+        assert len(re.findall(r"\((\d+\.\d\dx|  n/a)\)", rows[name])) == 3, rows[name]
+        assert re.search(r"parent \d+\.\d\d\+\d+\.\d\d workers \d+\.\d\d\+\d+\.\d\d", rows[name])

@@ -92,11 +92,13 @@ class CallPath:
         *,
         reserved: bool = True,
         stream_window: int = 0,
+        future: asyncio.Future[Any] | None = None,
     ) -> PendingCall:
         """Send one call on ``worker``; its ``PendingCall`` settles with the outcome.
 
         ``reserved``: the caller holds a slot on the worker (from the dispatcher),
-        which the call takes over; a checkout's calls hold none.
+        which the call takes over; a checkout's calls hold none. ``future``: the
+        one to settle (a queued call's); a new one if None.
         """
         if session is not None:
             self.sessions.touch(session)
@@ -109,6 +111,7 @@ class CallPath:
                 deadline=deadline,
                 stream_window=stream_window,
                 reserved=reserved,
+                future=future,
             )
         span.placed(worker.id, worker.pid)
         return worker.send_call(
@@ -120,6 +123,7 @@ class CallPath:
             stream_window=stream_window,
             reserved=reserved,
             trace=span.traceparent,
+            future=future,
         )
 
     def succeeded(self, started: float | None, span: CallSpan | None) -> None:

@@ -3,12 +3,13 @@
 Owns: the wait queues (``WaitQueues``: plain calls, checkouts, and session
 callers queued by their home worker), the claim (one worker drained for a
 waiting checkout), the one pair that hands out slots (``try_acquire``, the fast
-path with nothing to wait for, and ``acquire``, which waits), handing freed
-capacity to waiters (``serve``, which returns how many it granted), and the
-watchers woken on every change (``wait_until``). Decisions come from
-``_router`` (pure) and ``Sessions`` (a session's home). Must not touch: worker
-processes, the restart budget or recycling (the supervisor), or what a call
-sends (the call path).
+path with nothing to wait for, and ``acquire``, which waits), calls that wait
+in the queue as calls (``call_when_free``: sent by ``serve`` through the send
+function the call path gave them, decision 0027), handing freed capacity to
+waiters (``serve``, which returns how many it granted), and the watchers woken
+on every change (``wait_until``). Decisions come from ``_router`` (pure) and
+``Sessions`` (a session's home). Must not touch: worker processes, the restart
+budget or recycling (the supervisor), or what a call sends (the call path).
 
 Accounting rule: a slot is reserved on the worker synchronously when granted,
 and given back synchronously by whoever took it, on every path.
@@ -19,32 +20,63 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
+from typing import Any
 
 from . import _router
-from ._errors import CallTimeout, CorralError, PoolFailed, PoolOverloaded, PoolTimeout
-from ._handle import WorkerHandle
+from ._errors import (
+    CallTimeout,
+    CorralError,
+    PoolFailed,
+    PoolOverloaded,
+    PoolTimeout,
+    SessionLost,
+)
+from ._handle import PendingCall, WorkerHandle
 from ._pool_state import PoolLifecycle, PoolState
 from ._sessions import Sessions
 
-__all__ = ["Dispatcher", "WaitQueues"]
+__all__ = ["Dispatcher", "SendQueued", "WaitQueues"]
+
+# Sends a queued call on the worker granted to it, settling the future it is given
+# with the call's outcome; raises with nothing sent (the call path's ``start``).
+SendQueued = Callable[[WorkerHandle, "asyncio.Future[Any]"], PendingCall]
 
 
 class _Waiter:
-    __slots__ = ("exclusive", "future", "home", "method", "queued", "session")
+    """A caller waiting for a slot; or, for a plain call (``send`` set), the call
+    itself, which ``serve`` sends on the worker it grants."""
+
+    __slots__ = (
+        "exclusive",
+        "future",
+        "home",
+        "method",
+        "pending",
+        "queued",
+        "send",
+        "session",
+        "timer",
+        "worker",
+    )
 
     def __init__(
         self,
-        future: asyncio.Future[WorkerHandle],
+        future: asyncio.Future[Any],
         session: str | None,
         exclusive: bool,
         method: str | None,
+        send: SendQueued | None = None,
     ) -> None:
-        self.future = future
+        self.future = future  # the worker granted; for a queued call, its outcome
         self.session = session
         self.exclusive = exclusive
         self.method = method
         self.queued = False
         self.home: WorkerHandle | None = None  # a session waiter's worker when queued
+        self.timer: asyncio.TimerHandle | None = None  # its deadline or queue_timeout
+        self.send = send
+        self.worker: WorkerHandle | None = None  # a queued call: where it was sent
+        self.pending: PendingCall | None = None  # a queued call, once sent
 
 
 class WaitQueues:
@@ -176,6 +208,49 @@ class Dispatcher:
             if worker is not None:
                 worker.reserve(exclusive)
                 return worker
+        waiter = self._queue(session, exclusive, deadline, method, None)
+        try:
+            return await waiter.future  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().give_back(exclusive)  # granted, but the caller is gone
+            raise
+        finally:
+            self._leave(waiter)
+
+    async def call_when_free(
+        self, session: str | None, deadline: float | None, method: str, send: SendQueued
+    ) -> Any:
+        """A call that found no free slot: it waits in the queue as a call.
+
+        When a slot frees up, ``serve`` sends it on that worker at once, in the
+        step that freed the slot, so its caller wakes once, for the outcome.
+        Returns the call's result; raises its error (PoolClosed, PoolOverloaded,
+        CallTimeout or PoolTimeout while it waits; whatever ``send`` raises).
+        """
+        if not self._lifecycle.open:
+            self._lifecycle.check_open()
+        waiter = self._queue(session, False, deadline, method, send)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.pending is not None and waiter.worker is not None:
+                waiter.worker.cancel(waiter.pending)  # sent: stop it in the worker
+            raise
+        finally:
+            self._leave(waiter)
+
+    def _queue(
+        self,
+        session: str | None,
+        exclusive: bool,
+        deadline: float | None,
+        method: str | None,
+        send: SendQueued | None,
+    ) -> _Waiter:
+        """Queue a waiter (raising if the pool cannot take one), and serve at once if it can."""
+        queues = self.queues
         failed = self._failure()
         if failed is not None:
             raise failed
@@ -188,40 +263,51 @@ class Dispatcher:
             )
         loop = self._lifecycle.loop
         assert loop is not None  # set when the pool started; check_open() passed
-        waiter = _Waiter(loop.create_future(), session, exclusive, method)
-        queues.add(waiter, self._sessions.get(session) if session is not None else None)
+        waiter = _Waiter(loop.create_future(), session, exclusive, method, send)
+        if session is None and not exclusive:
+            waiter.queued = True
+            queues.plain.append(waiter)
+        else:
+            queues.add(waiter, self._sessions.get(session) if session is not None else None)
         self._callers_waiting()
-        if session is not None or exclusive or _router.pick_for_call(self._workers):
-            # A session pins now, a checkout may claim a worker, and a plain
-            # caller queued behind callers that are leaving may be served at once.
+        if session is not None:
+            # A new session pins now (every queue is looked at); a known one
+            # joined its home's queue, the only one that changed.
+            self.serve(waiter.home)
+        elif exclusive or (
+            (queues.exclusive or queues.plain[0].future.done()) and self._workers_free()
+        ):
+            # A checkout may claim a worker, and a plain caller queued behind
+            # callers that are leaving (done, still at the head) may be served
+            # at once; otherwise no worker can take it: the callers ahead of it
+            # are waiting for the same thing.
             self.serve()
         elif self._watchers:
             self.wake_watchers()  # a new waiter is a change too
-        timer = None
-        if not waiter.future.done():
+        if not waiter.future.done() and waiter.pending is None:
             queue_timeout = self._queue_timeout if method is not None else None
             if queue_timeout is not None and (
                 deadline is None or loop.time() + queue_timeout < deadline
             ):
                 # Refused before its deadline, with nothing run: the caller may go elsewhere.
-                timer = loop.call_later(queue_timeout, self._queue_expired, waiter)
+                waiter.timer = loop.call_later(queue_timeout, self._queue_expired, waiter)
             elif deadline is not None:
-                timer = loop.call_at(deadline, self._waiter_expired, waiter)
-        try:
-            return await waiter.future
-        except asyncio.CancelledError:
-            future = waiter.future
-            if future.done() and not future.cancelled() and future.exception() is None:
-                future.result().give_back(exclusive)  # granted, but the caller is gone
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if not waiter.future.done():
-                waiter.future.cancel()
-            queues.discard(waiter)
-            if exclusive and not queues.exclusive:
-                self.serve()  # a claim held for this caller may be released
+                waiter.timer = loop.call_at(deadline, self._waiter_expired, waiter)
+        return waiter
+
+    def _workers_free(self) -> bool:
+        return _router.pick_for_call(self._workers) is not None
+
+    def _leave(self, waiter: _Waiter) -> None:
+        """The waiter's caller is done waiting, however it ended."""
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        if not waiter.future.done():
+            waiter.future.cancel()
+        if waiter.queued:
+            self.queues.discard(waiter)
+        if waiter.exclusive and not self.queues.exclusive:
+            self.serve()  # a claim held for this caller may be released
 
     def _waiter_expired(self, waiter: _Waiter) -> None:
         if waiter.future.done():
@@ -294,7 +380,8 @@ class Dispatcher:
                 grants += 1
             exclusive.popleft().queued = False
         if not exclusive:
-            self._set_claim(None)
+            if self.claimed is not None:
+                self._set_claim(None)
         elif self.claimed is None or not _router.can_claim(self.claimed):
             self._set_claim(_router.pick_claim(workers))
         plain = queues.plain
@@ -304,8 +391,13 @@ class Dispatcher:
                 worker = _router.pick_for_call(workers)
                 if worker is None:
                     break
-                self._grant(waiter, worker)
+                plain.popleft().queued = False  # first: sending may serve again
+                if waiter.send is None:
+                    self._grant(waiter, worker)
+                else:
+                    self._send_queued(waiter, worker)
                 grants += 1
+                continue
             plain.popleft().queued = False
         drained = self.drained
         if (
@@ -336,8 +428,11 @@ class Dispatcher:
                 waiter.future.set_exception(exc)
                 continue
             if worker is not None:
-                queues.discard(waiter)
-                self._grant(waiter, worker)
+                queues.discard(waiter)  # first: sending may serve again
+                if waiter.send is None:
+                    self._grant(waiter, worker)
+                else:
+                    self._send_queued(waiter, worker)
                 grants += 1
                 continue
             new_home = self._sessions.get(waiter.session)
@@ -351,6 +446,22 @@ class Dispatcher:
     def _grant(waiter: _Waiter, worker: WorkerHandle) -> None:
         worker.reserve(waiter.exclusive)
         waiter.future.set_result(worker)
+
+    def _send_queued(self, waiter: _Waiter, worker: WorkerHandle) -> None:
+        """Send a queued call on the slot granted to it; its caller hears the outcome."""
+        assert waiter.send is not None
+        if waiter.timer is not None:
+            waiter.timer.cancel()  # from here the call's own deadline timer runs
+            waiter.timer = None
+        worker.reserve(False)
+        waiter.worker = worker
+        try:
+            waiter.pending = waiter.send(worker, waiter.future)
+        except CorralError as exc:  # nothing sent, the slot given back: the caller's error
+            if isinstance(exc, SessionLost):
+                self._sessions.told_lost(waiter.session)  # told now: only once
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
 
     def _set_claim(self, worker: WorkerHandle | None) -> None:
         current = self.claimed

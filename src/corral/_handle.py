@@ -428,10 +428,13 @@ class WorkerHandle:
         stream_window: int = 0,
         reserved: bool = True,
         trace: str | None = None,
+        future: asyncio.Future[Any] | None = None,
     ) -> PendingCall:
         """Send a Call using a reserved slot. Raises with nothing sent and the slot freed.
 
         ``trace`` is the caller's W3C traceparent, passed on to the worker.
+        ``future``: the one the outcome settles (a queued call's, made when it
+        queued); a new one if None.
         """
         if reserved:
             self.reserved -= 1
@@ -478,7 +481,9 @@ class WorkerHandle:
                 session=session,
             ) from exc.__cause__
         self._next_id = call_id + 1
-        pending = PendingCall(call_id, method, session, loop.create_future(), stream_window)
+        if future is None:
+            future = loop.create_future()
+        pending = PendingCall(call_id, method, session, future, stream_window)
         self._pending[call_id] = pending  # the reserved slot becomes this call: still busy
         if deadline is not None:
             pending.deadline_timer = loop.call_at(deadline, self._deadline_passed, pending)

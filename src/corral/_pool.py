@@ -6,8 +6,8 @@ nothing else: each kind of state has one owner, which this module wires up.
 - ``PoolLifecycle`` (``_pool_state``): the pool's state and its legal moves.
 - ``Supervisor`` (``_supervisor``): the workers, their number, restarts,
   recycling, heartbeats, memory, and what happens when one exits.
-- ``Dispatcher`` (``_dispatch``): waiting callers, the claim, and handing out
-  slots (``try_acquire`` / ``acquire``).
+- ``Dispatcher`` (``_dispatch``): waiting callers and queued calls, the claim,
+  and handing out slots (``try_acquire`` / ``acquire`` / ``call_when_free``).
 - ``Sessions`` (``_sessions``): which worker holds each session.
 - ``CallPath`` (``_calls``): starting calls and counting how they end;
   ``WorkerLease``/``Checkout`` (``_lease``) and ``CallStream`` (``_stream``).
@@ -39,7 +39,7 @@ from ._door import (
     running_loop,
 )
 from ._errors import PoolClosed, PoolTimeout, SessionLost, WorkerCrashed, WorkerStartError
-from ._handle import WorkerHandle
+from ._handle import PendingCall, WorkerHandle
 from ._launch import Launcher, LocalLauncher
 from ._lease import Checkout, WorkerLease
 from ._log import get_logger
@@ -271,18 +271,32 @@ class Pool:
             attempt = 0
             while True:
                 worker = self._dispatcher.try_acquire(session)
-                if worker is None:
-                    worker = await self._dispatcher.acquire(session, False, deadline, method)
                 try:
-                    pending = calls.start(worker, method, args, kwargs, session, deadline, span)
-                except SessionLost:
-                    self._sessions.told_lost(session)  # told now: only once
-                    raise
-                try:
-                    result = await pending.future
-                except asyncio.CancelledError:
-                    worker.cancel(pending)
-                    raise
+                    if worker is None:
+                        # Every slot it could take is taken: the call waits in the queue
+                        # as a call, and the dispatcher sends it when a slot frees
+                        # (decision 0027).
+                        def send(worker: WorkerHandle, future: asyncio.Future[Any]) -> PendingCall:
+                            return calls.start(
+                                worker, method, args, kwargs, session, deadline, span, future=future
+                            )
+
+                        result = await self._dispatcher.call_when_free(
+                            session, deadline, method, send
+                        )
+                    else:
+                        try:
+                            pending = calls.start(
+                                worker, method, args, kwargs, session, deadline, span
+                            )
+                        except SessionLost:
+                            self._sessions.told_lost(session)  # told now: only once
+                            raise
+                        try:
+                            result = await pending.future
+                        except asyncio.CancelledError:
+                            worker.cancel(pending)
+                            raise
                 except WorkerCrashed as exc:
                     if attempt >= retries or isinstance(exc, SessionLost):
                         raise
