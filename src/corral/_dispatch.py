@@ -70,7 +70,7 @@ class WaitQueues:
     def has_waiters_like(self, session: str | None, exclusive: bool) -> bool:
         """Whether a new request of this kind must queue behind earlier ones."""
         if session is not None:
-            return self._session_counts[session] > 0
+            return self._session_counts.get(session, 0) > 0  # no Counter.__missing__
         return bool(self.exclusive) if exclusive else bool(self.plain or self.exclusive)
 
     def add(self, waiter: _Waiter, home: WorkerHandle | None = None) -> None:
@@ -158,9 +158,15 @@ class Dispatcher:
         """A slot for a call, free now with nobody queued before it; None: ``acquire``."""
         if not self._lifecycle.open:
             return None  # acquire() raises the right error
-        if self.queues.has_waiters_like(session, False):
-            return None
-        worker = self._place(session, False)
+        if session is None:  # ``has_waiters_like`` and ``_place`` for a plain call, inlined
+            queues = self.queues
+            if queues.plain or queues.exclusive:
+                return None
+            worker = _router.pick_for_call(self._workers)
+        else:
+            if self.queues.has_waiters_like(session, False):
+                return None
+            worker = self._place(session, False)
         if worker is not None:
             worker.reserve(False)
         return worker

@@ -269,11 +269,14 @@ class Pool:
                 worker = self._dispatcher.try_acquire(session)
                 if worker is None:
                     worker = await self._dispatcher.acquire(session, False, deadline, method)
-                try:
-                    pending = calls.start(worker, method, args, kwargs, session, deadline, span)
-                except SessionLost:
-                    self._sessions.told_lost(session)  # told now: only once
-                    raise
+                if session is None and span is None:
+                    pending = worker.send_call(method, args, kwargs, None, deadline)
+                else:
+                    try:
+                        pending = calls.start(worker, method, args, kwargs, session, deadline, span)
+                    except SessionLost:
+                        self._sessions.told_lost(session)  # told now: only once
+                        raise
                 try:
                     result = await pending.future
                 except asyncio.CancelledError:

@@ -341,7 +341,8 @@ class LargeBuffers:
             for arg in message.args:
                 if _size_of(arg) > threshold:
                     return True
-            return any(_size_of(v) > threshold for v in message.kwargs.values())
+            kwargs = message.kwargs
+            return bool(kwargs) and any(_size_of(v) > threshold for v in kwargs.values())
         if kind is Result or kind is Chunk:
             return _size_of(message.value) > threshold
         return False
