@@ -50,7 +50,6 @@ class Context:
 
     def __init__(
         self,
-        *,
         call_id: int,
         method: str,
         worker_id: str,
