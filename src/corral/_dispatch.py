@@ -197,9 +197,15 @@ class Dispatcher:
         waiter = _Waiter(loop.create_future(), session, exclusive, method)
         queues.add(waiter, self._sessions.get(session) if session is not None else None)
         self._callers_waiting()
-        if session is not None or exclusive or _router.pick_for_call(self._workers):
-            # A session pins now, a checkout may claim a worker, and a plain
-            # caller queued behind callers that are leaving may be served at once.
+        if session is not None:
+            # A session pins now, or its home has room (a caller ahead of it left):
+            # only its own queue changed, so only that queue is served.
+            self._serve_session_waiters(waiter.home)
+            if self._watchers:
+                self.wake_watchers()  # a new waiter is a change too
+        elif exclusive or _router.pick_for_call(self._workers):
+            # A checkout may claim a worker, and a plain caller queued behind
+            # callers that are leaving may be served at once.
             self.serve()
         elif self._watchers:
             self.wake_watchers()  # a new waiter is a change too

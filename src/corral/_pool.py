@@ -272,14 +272,16 @@ class Pool:
                 worker = self._dispatcher.try_acquire(session)
                 if worker is None:
                     worker = await self._dispatcher.acquire(session, False, deadline, method)
-                if session is None and span is None:
-                    pending = worker.send_call(method, args, kwargs, None, deadline)
-                else:
-                    try:
+                try:
+                    if span is None:  # ``calls.start`` without a span, in fewer steps
+                        if session is not None:
+                            self._sessions.touch(session)
+                        pending = worker.send_call(method, args, kwargs, session, deadline)
+                    else:
                         pending = calls.start(worker, method, args, kwargs, session, deadline, span)
-                    except SessionLost:
-                        self._sessions.told_lost(session)  # told now: only once
-                        raise
+                except SessionLost:
+                    self._sessions.told_lost(session)  # told now: only once
+                    raise
                 try:
                     result = await pending.future
                 except asyncio.CancelledError:
