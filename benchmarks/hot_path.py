@@ -15,7 +15,8 @@ nor the machine's other jobs are in the figure:
   way.
 - ``worker``: the worker's main thread (``MainThreadRuntime``) fed one Call
   frame per read, its replies written to ``/dev/null``; the floor's worker
-  loop (decode a tuple, call, encode, write) the same way.
+  loop (decode a tuple, call, encode, write) the same way. The worker's
+  large-buffer path is on, as in a pool with default settings.
 
 Blocks alternate, corral and floor, and each figure is the median of its
 rounds. In the real alternation of the two processes each microsecond here
@@ -113,13 +114,17 @@ def worker(n: int, rounds: int, app_path: str = "benchmarks.corral_app") -> tupl
     from corral._blocking_writer import BlockingFrameWriter
     from corral._framing import FrameDecoder, FrameEncoder
     from corral._messages import Call, WorkerBound
+    from corral._shm import LargeBuffers
     from corral.worker._main_thread import MainThreadRuntime
 
     app: Any = importlib.import_module(app_path).app
     null = os.open(os.devnull, os.O_WRONLY)
     try:
-        encoder = FrameEncoder()
-        decoder: FrameDecoder[Any] = FrameDecoder(WorkerBound)  # type: ignore[arg-type]
+        # As a worker of a pool with default settings: its large-buffer path on
+        # (no segment is made: every buffer here is small).
+        large = LargeBuffers("corral-hotpath-", 256 * 1024, "w")
+        encoder = FrameEncoder(large_buffers=large)
+        decoder: FrameDecoder[Any] = FrameDecoder(WorkerBound, large_buffers=large)  # type: ignore[arg-type]
         runtime = MainThreadRuntime(
             app, "w1", -1, BlockingFrameWriter(null, encoder), encoder, decoder
         )

@@ -141,9 +141,12 @@ def _populate(mapping: mmap.mmap, advice: int) -> None:
         mapping.madvise(advice)
 
 
+_BYTES = (bytes, bytearray)  # a tuple: ``bytes | bytearray`` would build a union per call
+
+
 def _size_of(value: Any) -> int:
     """Bytes in a bytes-like value (0 for anything else, or a non-contiguous view)."""
-    if isinstance(value, bytes | bytearray):
+    if isinstance(value, _BYTES):
         return len(value)
     if isinstance(value, memoryview):
         return value.nbytes if value.c_contiguous else 0
