@@ -273,12 +273,7 @@ class Pool:
                 if worker is None:
                     worker = await self._dispatcher.acquire(session, False, deadline, method)
                 try:
-                    if span is None:  # ``calls.start`` without a span, in fewer steps
-                        if session is not None:
-                            self._sessions.touch(session)
-                        pending = worker.send_call(method, args, kwargs, session, deadline)
-                    else:
-                        pending = calls.start(worker, method, args, kwargs, session, deadline, span)
+                    pending = calls.start(worker, method, args, kwargs, session, deadline, span)
                 except SessionLost:
                     self._sessions.told_lost(session)  # told now: only once
                     raise
