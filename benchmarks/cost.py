@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from benchmarks.floor import FloorPool
+from benchmarks.floor import FloorPool, settle_malloc
 
 MIB = 1024 * 1024
 CASES = ("floor", "sync-only app", "sync, mixed app", "async handler")
@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace-child", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _quiet_logs()
+    settle_malloc()  # malloc as a long-running process has it, in the traced children too
     if args.trace_child:
         asyncio.run(_traced_child(args.trace_child[0], int(args.trace_child[1])))
         return

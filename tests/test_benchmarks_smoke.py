@@ -148,6 +148,19 @@ def test_routing_benchmark_prints_the_overhead_of_the_front() -> None:
     assert "front+rule overhead: median" in run.stdout
 
 
+def test_hot_path_benchmark_prints_each_side_against_the_floor() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.hot_path", "--calls", "200", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    for side in ("parent", "worker, sync-only app", "worker, mixed app"):
+        assert re.search(rf"^{re.escape(side)} +[\d.]+ us +[\d.]+ us .* [\d.]+x$", run.stdout, re.M)
+
+
 def test_the_node_loss_run_explains_itself_and_refuses_a_bad_schedule() -> None:
     # The run itself needs a simulated Ray cluster and minutes: docs/scale-out.md
     # records one. Here: its options, and a clear one-line refusal.

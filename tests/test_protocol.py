@@ -190,6 +190,24 @@ def test_a_stream_cut_anywhere_decodes_to_the_same_messages(
     assert decoder.buffered == 0
 
 
+@pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview])
+def test_a_read_of_exactly_one_frame_decodes_and_a_bad_one_ends_the_stream(wrap: Any) -> None:
+    """The read of a sequential call holds one whole frame: it takes a shorter path
+    through the decoder, with the same results and the same errors."""
+    encoder = FrameEncoder()
+    message = Call(7, "noop", (1, b"x"), {"k": [1.5]}, "s", 2.0, False, 0, None)
+    decoder = FrameDecoder(WorkerBound)
+    assert decoder.feed(wrap(bytes(encoder.encode(message)))) == [message]
+    assert decoder.feed(wrap(bytes(encoder.encode(Cancel(7))))) == [Cancel(7)]
+    assert decoder.buffered == 0
+    with pytest.raises(ProtocolError, match="malformed"):
+        decoder.feed(wrap(frame(b"\x93\x03\x01")))  # a Result cut short inside its frame
+    with pytest.raises(ProtocolError, match="malformed"):
+        decoder.feed(wrap(bytes(encoder.encode(Cancel(8)))))  # the stream stays ended
+    with pytest.raises(ProtocolError, match="unknown MessagePack extension"):
+        FrameDecoder(ParentBound).feed(wrap(frame(_pack(Result(1, msgspec.msgpack.Ext(99, b"x"))))))
+
+
 def test_byte_level_example() -> None:
     """The frame shown in docs/protocol.md; within a protocol version it changes only
     by fields appended at the end (here ``trace``: the last ``c0``)."""

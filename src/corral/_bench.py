@@ -129,6 +129,9 @@ def measure(system: str, calls: int) -> dict[str, float]:
 
     # The pool's info logs would land on stdout, where the figures go.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    from ._bench_floor import settle_malloc
+
+    settle_malloc()  # both systems alike: the floor's first reads must not map memory
     return asyncio.run(_floor(calls) if system == "floor" else _corral(calls))
 
 

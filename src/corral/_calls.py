@@ -103,12 +103,14 @@ class CallPath:
         if session is not None:
             self.sessions.touch(session)
         if span is None:
+            if reserved and not stream_window:  # a plain call: no keywords, the cheaper call
+                return worker.send_call(method, args, kwargs, session, deadline)
             return worker.send_call(
                 method,
                 args,
                 kwargs,
-                session=session,
-                deadline=deadline,
+                session,
+                deadline,
                 stream_window=stream_window,
                 reserved=reserved,
                 future=future,

@@ -92,7 +92,8 @@ class WaitQueues:
         self.plain: collections.deque[_Waiter] = collections.deque()
         self.exclusive: collections.deque[_Waiter] = collections.deque()
         self.sessions: dict[WorkerHandle | None, collections.deque[_Waiter]] = {}
-        self._session_counts: collections.Counter[str] = collections.Counter()
+        # A plain dict, not a Counter: its missing keys and deletions cost Python calls.
+        self._session_counts: dict[str, int] = {}
 
     def _queue_of(self, waiter: _Waiter) -> collections.deque[_Waiter]:
         if waiter.session is not None:
@@ -102,14 +103,15 @@ class WaitQueues:
     def has_waiters_like(self, session: str | None, exclusive: bool) -> bool:
         """Whether a new request of this kind must queue behind earlier ones."""
         if session is not None:
-            return self._session_counts[session] > 0
+            return session in self._session_counts
         return bool(self.exclusive) if exclusive else bool(self.plain or self.exclusive)
 
     def add(self, waiter: _Waiter, home: WorkerHandle | None = None) -> None:
         waiter.queued = True
         if waiter.session is not None:
             waiter.home = home
-            self._session_counts[waiter.session] += 1
+            counts = self._session_counts
+            counts[waiter.session] = counts.get(waiter.session, 0) + 1
             self.sessions.setdefault(home, collections.deque()).append(waiter)
         else:
             self._queue_of(waiter).append(waiter)
@@ -128,9 +130,12 @@ class WaitQueues:
 
     def _forget_session_waiter(self, waiter: _Waiter, queue: collections.deque[_Waiter]) -> None:
         assert waiter.session is not None
-        self._session_counts[waiter.session] -= 1
-        if not self._session_counts[waiter.session]:
-            del self._session_counts[waiter.session]
+        counts = self._session_counts
+        left = counts[waiter.session] - 1
+        if left:
+            counts[waiter.session] = left
+        else:
+            del counts[waiter.session]
         if not queue:
             del self.sessions[waiter.home]
 
@@ -190,9 +195,15 @@ class Dispatcher:
         """A slot for a call, free now with nobody queued before it; None: ``acquire``."""
         if not self._lifecycle.open:
             return None  # acquire() raises the right error
-        if self.queues.has_waiters_like(session, False):
-            return None
-        worker = self._place(session, False)
+        if session is None:  # ``has_waiters_like`` and ``_place`` for a plain call, inlined
+            queues = self.queues
+            if queues.plain or queues.exclusive:
+                return None
+            worker = _router.pick_for_call(self._workers)
+        else:
+            if self.queues.has_waiters_like(session, False):
+                return None
+            worker = self._place(session, False)
         if worker is not None:
             worker.reserve(False)
         return worker
@@ -415,12 +426,21 @@ class Dispatcher:
         queues = self.queues
         queue = queues.sessions.get(home)
         grants = 0
+        homes = self._sessions
         while queue:
             waiter = queue[0]
             if waiter.future.done():
                 queues.discard(waiter)
                 continue
             assert waiter.session is not None
+            if home is not None and homes.get(waiter.session) is home:
+                # Still homed here, the common case: what ``_place`` would decide.
+                if not _router.can_take(home, waiter.exclusive):
+                    break  # the head waits for this worker; so does everyone behind it
+                queues.discard(waiter)
+                self._grant(waiter, home)
+                grants += 1
+                continue
             try:
                 worker = self._place(waiter.session, waiter.exclusive)
             except CorralError as exc:

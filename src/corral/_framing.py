@@ -10,7 +10,7 @@ pandas) to ``_arrays.ArrayCodec``, called only for types msgspec does not know.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import msgspec
 
@@ -37,6 +37,10 @@ MAX_POSSIBLE_SIZE = 2**32 - 1
 
 T = TypeVar("T")
 
+
+# A read that holds one whole frame of at most this many bytes is decoded from a
+# copy of its body (cheaper than views at this size); larger ones take the loop.
+_ONE_FRAME_MAX = 4096
 
 _LARGE_BUFFER_EXT = 1  # corral._shm.LARGE_BUFFER_EXT; not imported, to keep this module I/O-free
 
@@ -86,17 +90,21 @@ class FrameEncoder:
         arrays.total = reserved
         try:
             self._encode_into(message, buffer, start + HEADER_SIZE)
-        except BaseException as exc:
-            # msgspec leaves what it had written so far; a cyclic or too deeply
-            # nested value fails with RecursionError.
-            del buffer[start:]
-            arrays.discard()
-            if isinstance(exc, OverLimit):
-                raise PayloadTooLarge(str(exc)) from None
-            if isinstance(exc, _ENCODE_FAILURES):
-                raise EncodeError(f"cannot encode message: {exc}") from exc
-            raise
+        except BaseException as exc:  # noqa: BLE001 - _encode_failed undoes and re-raises
+            self._encode_failed(exc, buffer, start)
         return len(buffer) - start - HEADER_SIZE, arrays.total - reserved
+
+    def _encode_failed(self, exc: BaseException, buffer: bytearray, start: int) -> NoReturn:
+        """Undo a failed encode (``buffer`` as it was, no segment left) and raise."""
+        # msgspec leaves what it had written so far; a cyclic or too deeply
+        # nested value fails with RecursionError.
+        del buffer[start:]
+        self._arrays.discard()
+        if isinstance(exc, OverLimit):
+            raise PayloadTooLarge(str(exc)) from None
+        if isinstance(exc, _ENCODE_FAILURES):
+            raise EncodeError(f"cannot encode message: {exc}") from exc
+        raise exc
 
     def _abandon(self, buffer: bytearray, start: int) -> None:
         """Forget a frame begun at ``start`` and the segments its arrays used."""
@@ -115,8 +123,16 @@ class FrameEncoder:
             offloaded = large.offload(message, self.max_size)
             if offloaded is not None:
                 return self._append_offloaded(offloaded, buffer, large)
+        # ``_encode``, inlined: this runs for every frame either side sends.
         start = len(buffer)
-        size, in_segments = self._encode(message, buffer, start)
+        arrays = self._arrays
+        arrays.start()
+        try:
+            self._encode_into(message, buffer, start + HEADER_SIZE)
+        except BaseException as exc:  # noqa: BLE001 - _encode_failed undoes and re-raises
+            self._encode_failed(exc, buffer, start)
+        size = len(buffer) - start - HEADER_SIZE
+        in_segments = arrays.total
         if large is not None and size > large.threshold:
             # A buffer over the threshold may be nested deeper than ``wants`` looks.
             try:
@@ -231,11 +247,27 @@ class FrameDecoder(Generic[T]):
         if self._failed is not None:
             raise self._failed
         buffer = self._buffer
-        if buffer:
-            buffer += data
-            source: bytes | bytearray | memoryview = buffer
+        if not buffer:
+            # The common read of a sequential call: exactly one whole frame.
+            # Decoded without the general loop's views and bookkeeping.
+            available = len(data)
+            if available > HEADER_SIZE:
+                size = int.from_bytes(data[:HEADER_SIZE], "big")
+                whole = size == available - HEADER_SIZE
+                if whole and size <= _ONE_FRAME_MAX and size <= self.max_size:
+                    self._budget = self.max_size - size
+                    try:
+                        return [self._decode(data[HEADER_SIZE:])]  # a small copy, no view
+                    except ProtocolError as exc:
+                        self._failed = exc
+                        raise
+                    except _DECODE_FAILURES as exc:
+                        self._failed = ProtocolError(f"malformed message: {exc}")
+                        raise self._failed from exc
+            source: bytes | bytearray | memoryview = data
         else:
-            source = data
+            buffer += data
+            source = buffer
         messages: list[T] = []
         offset = 0
         available = len(source)

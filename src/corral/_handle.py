@@ -397,7 +397,8 @@ class WorkerHandle:
             self.leased = True
         else:
             self.reserved += 1
-        self._refresh_busy()
+        if self.state is WorkerState.READY:  # ``_refresh_busy``, inlined: now it is busy
+            self.state = WorkerState.BUSY
 
     def unreserve(self) -> None:
         """Give back a slot claimed with ``reserve()`` but never used."""
@@ -422,9 +423,9 @@ class WorkerHandle:
         method: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        *,
         session: str | None,
         deadline: float | None,
+        *,
         stream_window: int = 0,
         reserved: bool = True,
         trace: str | None = None,

@@ -256,7 +256,10 @@ class Pool:
         # The path of a call, in one coroutine frame: a slot from the dispatcher
         # (no await when one is free), the call started on its worker, its future
         # awaited, the outcome counted.
-        method, session = check_method(method), check_session(session)
+        if type(method) is not str or not method.isascii():  # the checks' own fast path, inlined
+            method = check_method(method)
+        if session is not None:
+            session = check_session(session)
         if type(retries) is not int or retries < 0:
             check_count(retries, "retries")
         started = clock()

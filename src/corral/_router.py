@@ -58,11 +58,14 @@ def can_take(worker: Placeable, exclusive: bool) -> bool:
 def pick_for_call(workers: Iterable[W], exclusive: bool = False) -> W | None:
     """Rule 2 (and the idle worker for a checkout): None means wait."""
     best: W | None = None
+    least = 0
     for worker in workers:
-        if can_take(worker, exclusive) and (best is None or worker.inflight < best.inflight):
-            best = worker
-            if worker.inflight == 0:
-                break
+        if can_take(worker, exclusive):
+            load = worker.inflight
+            if load == 0:
+                return worker
+            if best is None or load < least:
+                best, least = worker, load
     return best
 
 

@@ -148,9 +148,12 @@ def _populate(mapping: mmap.mmap, advice: int) -> None:
         mapping.madvise(advice)
 
 
+_BYTES = (bytes, bytearray)  # a tuple: ``bytes | bytearray`` would build a union per call
+
+
 def _size_of(value: Any) -> int:
     """Bytes in a bytes-like value (0 for anything else, or a non-contiguous view)."""
-    if isinstance(value, (bytes, bytearray)):  # a tuple: ``bytes | bytearray`` is built per call
+    if isinstance(value, _BYTES):
         return len(value)
     if isinstance(value, memoryview):
         return value.nbytes if value.c_contiguous else 0
@@ -466,7 +469,8 @@ class LargeBuffers:
             for arg in message.args:
                 if _size_of(arg) > threshold:
                     return True
-            return any(_size_of(v) > threshold for v in message.kwargs.values())
+            kwargs = message.kwargs
+            return bool(kwargs) and any(_size_of(v) > threshold for v in kwargs.values())
         if kind is Result or kind is Chunk:
             return _size_of(message.value) > threshold
         return False

@@ -55,7 +55,6 @@ class Context:
 
     def __init__(
         self,
-        *,
         call_id: int,
         method: str,
         worker_id: str,

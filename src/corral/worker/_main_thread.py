@@ -360,13 +360,13 @@ class MainThreadRuntime:
                 session = self.sessions.get(call.session)
                 if session is None:
                     session = self.sessions[call.session] = {}
-            ctx = Context(
-                call_id=call.id,
-                method=call.method,
-                worker_id=self.worker_id,
-                session_id=call.session,
-                session=session,
-                deadline=None if call.timeout is None else time.monotonic() + call.timeout,
+            ctx = Context(  # positional: keywords cost more than the rest of this block
+                call.id,
+                call.method,
+                self.worker_id,
+                call.session,
+                session,
+                None if call.timeout is None else time.monotonic() + call.timeout,
             )
             running = _Running(call, ctx)
             self._running[call.id] = running
@@ -422,7 +422,7 @@ class MainThreadRuntime:
         kwargs = {**call.kwargs, "ctx": running.ctx} if handler.wants_context else call.kwargs
         try:
             if running.span_context is None:
-                value = handler.fn(*call.args, **kwargs)
+                value = handler.fn(*call.args, **kwargs) if kwargs else handler.fn(*call.args)
             else:
                 value = running.span_context.run(handler.fn, *call.args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the handler's failure is the caller's RemoteError
