@@ -59,7 +59,7 @@ class BreakerMachine(RuleBasedStateMachine):
         opened_at = breaker.opened_at
         inflight = breaker.probes_inflight
         answer = breaker.admit(self.now)
-        if before is BreakerState.OPEN and self.now - opened_at < breaker.config.cooldown:
+        if before is BreakerState.OPEN and self.now < opened_at + breaker.config.cooldown:
             assert answer == REJECT, "a call passed an open breaker before its cool-down"
         if answer == ADMIT:
             assert before is BreakerState.CLOSED
@@ -205,3 +205,23 @@ def test_history_records_each_transition_with_its_reason() -> None:
 def test_bad_settings_are_refused(changes: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=next(iter(changes))):
         BreakerConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_a_breaker_that_says_retry_now_admits_now() -> None:
+    """retry_after() and admit() read the cool-down the same way, to the last bit.
+
+    Opened at 1021.433023386080185 with a 5 s cool-down: at opened_at + 5,
+    ``now - opened_at`` rounds to just under 5 while ``opened_at + 5 - now``
+    is 0, so a breaker that subtracted one way and compared the other refused a
+    call it had just said could go (found by the state machine above).
+    """
+    breaker = CircuitBreaker(
+        BreakerConfig(failure_rate=0.1, window=10.0, min_calls=1, cooldown=5.0, probes=1),
+        name="p",
+    )
+    opened_at = 1020.0 + 1.433023386080185
+    breaker.record(opened_at, True)
+    assert breaker.state is BreakerState.OPEN
+    now = opened_at + breaker.config.cooldown
+    assert breaker.retry_after(now) == 0.0
+    assert breaker.admit(now) == PROBE

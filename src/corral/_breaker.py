@@ -161,7 +161,7 @@ class CircuitBreaker:
         if state is BreakerState.CLOSED:
             return ADMIT
         if state is BreakerState.OPEN:
-            if now - self.opened_at < self.config.cooldown:
+            if now < self.opened_at + self.config.cooldown:  # as retry_after() reads it
                 return REJECT
             self._move(now, BreakerState.HALF_OPEN, "cool-down over")
         if self._probes_inflight >= self.config.probes:
