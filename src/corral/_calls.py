@@ -103,7 +103,9 @@ class CallPath:
         if session is not None:
             self.sessions.touch(session)
         if span is None:
-            if reserved and not stream_window:  # a plain call: no keywords, the cheaper call
+            if reserved and not stream_window and future is None:
+                # A plain call that is not a queued one (whose future it must settle):
+                # no keywords, the cheaper call.
                 return worker.send_call(method, args, kwargs, session, deadline)
             return worker.send_call(
                 method,

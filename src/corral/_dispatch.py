@@ -403,10 +403,7 @@ class Dispatcher:
                 if worker is None:
                     break
                 plain.popleft().queued = False  # first: sending may serve again
-                if waiter.send is None:
-                    self._grant(waiter, worker)
-                else:
-                    self._send_queued(waiter, worker)
+                self._hand_over(waiter, worker)
                 grants += 1
                 continue
             plain.popleft().queued = False
@@ -437,8 +434,8 @@ class Dispatcher:
                 # Still homed here, the common case: what ``_place`` would decide.
                 if not _router.can_take(home, waiter.exclusive):
                     break  # the head waits for this worker; so does everyone behind it
-                queues.discard(waiter)
-                self._grant(waiter, home)
+                queues.discard(waiter)  # first: sending may serve again
+                self._hand_over(waiter, home)
                 grants += 1
                 continue
             try:
@@ -449,10 +446,7 @@ class Dispatcher:
                 continue
             if worker is not None:
                 queues.discard(waiter)  # first: sending may serve again
-                if waiter.send is None:
-                    self._grant(waiter, worker)
-                else:
-                    self._send_queued(waiter, worker)
+                self._hand_over(waiter, worker)
                 grants += 1
                 continue
             new_home = self._sessions.get(waiter.session)
@@ -461,6 +455,13 @@ class Dispatcher:
             queues.discard(waiter)  # its session moved (its old worker died)
             queues.add(waiter, new_home)
         return grants
+
+    def _hand_over(self, waiter: _Waiter, worker: WorkerHandle) -> None:
+        """Give ``worker``'s slot to ``waiter``: its caller's, or its queued call sent on it."""
+        if waiter.send is None:
+            self._grant(waiter, worker)
+        else:
+            self._send_queued(waiter, worker)
 
     @staticmethod
     def _grant(waiter: _Waiter, worker: WorkerHandle) -> None:
