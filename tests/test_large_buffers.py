@@ -576,6 +576,9 @@ async def test_a_worker_killed_after_sending_a_view_argument_back_leaves_no_segm
 def test_large_bytes_is_validated() -> None:
     with pytest.raises(ValueError, match="large_bytes"):
         corral.PoolConfig(large_bytes="view")  # type: ignore[arg-type]
+    for wrong_type in (True, None, b"memoryview"):
+        with pytest.raises(TypeError, match="large_bytes must be 'bytes' or 'memoryview'"):
+            corral.PoolConfig(large_bytes=wrong_type)  # type: ignore[arg-type]
     assert corral.PoolConfig().large_bytes == "bytes"
     assert corral.PoolConfig(large_bytes="memoryview").large_bytes == "memoryview"
 

@@ -145,6 +145,11 @@ class PoolConfig:
             raise ValueError(f"max_message_size must be in 1..{MAX_POSSIBLE_SIZE}")
         check_count(self.large_buffer_threshold, "large_buffer_threshold", optional=True)
         check_compression(self.compression)
+        if type(self.large_bytes) is not str:
+            raise TypeError(
+                "large_bytes must be 'bytes' or 'memoryview', got "
+                f"{type(self.large_bytes).__name__}"
+            )
         if self.large_bytes not in ("bytes", "memoryview"):
             raise ValueError(
                 f"large_bytes must be 'bytes' or 'memoryview', got {self.large_bytes!r}"
