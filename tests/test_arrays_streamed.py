@@ -10,7 +10,6 @@ pool's process SIGKILLed with arrays in flight leaves no segment and no process.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests._processes import parent_program
 
 import corral
 from corral import Pool
@@ -411,21 +411,7 @@ def test_parent_sigkill_with_arrays_in_flight_leaves_no_segment_and_no_process(
 ) -> None:
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
-    parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(fifo), how],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert parent.stdout is not None
-        for line in parent.stdout:  # structlog's own lines come first
-            if line.startswith('{"prefix"'):
-                break
-        else:
-            raise AssertionError("the parent did not start its pool")
-        report = json.loads(line)
+    with parent_program(PARENT, str(fifo), how, reports='{"prefix"') as (parent, report):
         prefix = report["prefix"]
         if how == "shm":
             in_flight = [n for n in segments(prefix) if not POOLED.search(n)]
@@ -451,9 +437,3 @@ def test_parent_sigkill_with_arrays_in_flight_leaves_no_segment_and_no_process(
             assert segments(prefix) == []
         else:
             assert how == "tcp"  # nothing of it was ever in /dev/shm
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        if parent.stdout:
-            parent.stdout.close()

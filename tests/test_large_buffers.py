@@ -11,12 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -28,6 +25,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests._processes import parent_program
 from tests.workers.large import pattern
 
 import corral
@@ -374,21 +372,7 @@ PARENT = textwrap.dedent(
 def test_parent_sigkill_mid_call_leaves_no_segment(tmp_path: Path, received_as: str) -> None:
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
-    parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(fifo), received_as],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert parent.stdout is not None
-        for line in parent.stdout:  # structlog's own lines come first
-            if line.startswith('{"prefix"'):
-                break
-        else:
-            raise AssertionError("the parent did not start its pool")
-        report = json.loads(line)
+    with parent_program(PARENT, str(fifo), received_as, reports='{"prefix"') as (parent, report):
         prefix = report["prefix"]
         assert segments(prefix) == [prefix + "p1"]  # the queued argument
         # Stop the parent so it reads nothing more, then let the worker answer:
@@ -408,12 +392,6 @@ def test_parent_sigkill_mid_call_leaves_no_segment(tmp_path: Path, received_as: 
         _, alive = psutil.wait_procs(procs, timeout=5)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
         assert segments(prefix, pooled=True) == []
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        if parent.stdout:
-            parent.stdout.close()
 
 
 # --- references, decoded by hand ---------------------------------------------------------

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+from tests._processes import parent_program, still_running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,47 +44,16 @@ PARENT = textwrap.dedent(
 )
 
 
-def _gone(pids: list[int], timeout: float) -> list[psutil.Process]:
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-
-
 def test_parent_sigkill_leaves_nothing_behind_within_one_second() -> None:
-    parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert parent.stdout is not None
-        for line in parent.stdout:  # structlog's own lines come first
-            if line.startswith('{"workers"'):
-                break
-        else:
-            raise AssertionError("the parent did not start its pool")
-        pids = json.loads(line)
+    with parent_program(PARENT, reports='{"workers"') as (parent, pids):
         everything = [*pids["workers"], *pids["shepherds"], pids["grandchild"]]
         assert all(psutil.pid_exists(p) for p in everything)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
         killed_at = time.monotonic()
-        alive = _gone(everything, timeout=1.0)
+        alive = still_running(everything, timeout=1.0)
         elapsed = time.monotonic() - killed_at
         assert not alive, f"still running {elapsed:.2f}s after the parent died: {alive}"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        if parent.stdout:
-            parent.stdout.close()
 
 
 FORGETFUL = textwrap.dedent(
@@ -111,4 +81,4 @@ def test_a_pool_never_closed_is_killed_when_its_event_loop_ends() -> None:
     line = next(x for x in run.stdout.splitlines() if x.startswith('{"pids"'))
     report = json.loads(line)
     assert any("was never closed" in w for w in report["warned"])
-    assert not _gone(report["pids"], timeout=2.0)
+    assert not still_running(report["pids"], timeout=2.0)

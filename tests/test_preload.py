@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from tests._processes import parent_program
 
 import corral
 from corral import Pool
@@ -269,21 +267,7 @@ PARENT = textwrap.dedent(
 
 
 def test_parent_sigkill_leaves_no_template_and_no_worker_within_one_second() -> None:
-    parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert parent.stdout is not None
-        for line in parent.stdout:
-            if line.startswith('{"workers"'):
-                break
-        else:
-            raise AssertionError("the parent did not start its pool")
-        pids = json.loads(line)
+    with parent_program(PARENT, reports='{"workers"') as (parent, pids):
         everything = [
             *pids["workers"],
             *pids["shepherds"],
@@ -302,12 +286,6 @@ def test_parent_sigkill_leaves_no_template_and_no_worker_within_one_second() -> 
         _, alive = psutil.wait_procs(procs, timeout=1.0)
         alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
         assert not alive, f"still running 1s after the parent died: {alive}"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        if parent.stdout:
-            parent.stdout.close()
 
 
 def test_preload_must_be_module_names() -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import psutil
+from tests._processes import parent_program, still_running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,42 +33,11 @@ PARENT = textwrap.dedent(
 )
 
 
-def _still_running(pids: list[int], timeout: float) -> list[psutil.Process]:
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-
-
 def test_parent_sigkill_leaves_no_tool_process_behind() -> None:
-    parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert parent.stdout is not None
-        for line in parent.stdout:  # structlog's own lines come first
-            if line.startswith('{"tools"'):
-                break
-        else:
-            raise AssertionError("the parent did not start its tool pools")
-        pids = json.loads(line)
+    with parent_program(PARENT, reports='{"tools"') as (parent, pids):
         everything = [*pids["tools"], *pids["workers"]]
         assert len(pids["tools"]) == 4 and all(psutil.pid_exists(p) for p in everything)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
-        alive = _still_running(everything, timeout=2.0)
+        alive = still_running(everything, timeout=2.0)
         assert not alive, f"still running after the parent died: {alive}"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        if parent.stdout:
-            parent.stdout.close()
