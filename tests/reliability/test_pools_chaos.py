@@ -90,7 +90,10 @@ class Run:
     def kill_one(self, pool: Pool) -> None:
         pids = [w.pid for w in pool.status().workers if w.pid and w.state in ("ready", "busy")]
         if pids:
-            os.kill(self.rng.choice(pids), signal.SIGKILL)
+            try:
+                os.kill(self.rng.choice(pids), signal.SIGKILL)
+            except ProcessLookupError:
+                return  # it died already (an earlier kill): the pool has not heard yet
             self.fig.kills += 1
 
 
