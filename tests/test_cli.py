@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -274,13 +273,37 @@ def test_corral_top_and_demo_mistakes_give_one_line() -> None:
 
 
 def test_corral_bench_reads_cpu_finer_than_a_clock_tick_and_never_divides_by_zero() -> None:
-    """A quick run's floor worker spends a few ms: ``stat``'s 10 ms ticks would read 0."""
+    """A quick run's floor worker spends a few ms: ``stat``'s 10 ms ticks would read 0.
+
+    Measured as the bench measures a worker: another process, asleep in a read
+    between the two readings (a running thread's count is brought up to date
+    when it is switched out).
+    """
     from corral._bench import _cpu_of, _ratio
 
-    before = _cpu_of(os.getpid())
-    deadline = time.perf_counter() + 0.002
-    while time.perf_counter() < deadline:  # 2 ms on the CPU, a fifth of a tick
-        pass
-    assert 0 < _cpu_of(os.getpid()) - before < 1
+    burn = (
+        "import sys, time\n"
+        "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+        "sys.stdin.readline()\n"
+        "t = time.process_time() + 0.002\n"
+        "while time.process_time() < t: pass\n"
+        "sys.stdout.write('burnt\\n'); sys.stdout.flush()\n"
+        "sys.stdin.readline()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdin is not None and child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        before = _cpu_of(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "burnt\n"
+        spent = _cpu_of(child.pid) - before
+        # 2 ms of CPU and a little I/O: clock ticks would read 0 or 10 ms
+        assert 0.002 <= spent < 0.009, spent
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        assert child.wait(timeout=10) == 0
     assert _ratio(2.0, 0.0, 8).strip() == "n/a"
     assert _ratio(3.0, 2.0, 8) == "    1.50x"
