@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from benchmarks.floor import FloorPool, settle_malloc
+from benchmarks.floor import FloorPool
+from corral._bench_floor import settle_malloc
 
 MIB = 1024 * 1024
 CASES = ("floor", "sync-only app", "sync, mixed app", "async handler")

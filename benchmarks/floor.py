@@ -36,22 +36,6 @@ def worker_main(read_fd: int, write_fd: int) -> None:
             view = view[write(write_fd, view) :]
 
 
-def settle_malloc() -> None:
-    """Put this process's malloc where a long-running process's is: call before measuring.
-
-    glibc serves an allocation over its mmap threshold (128 KiB when a process
-    starts) with an mmap of its own, and raises the threshold to the size of the
-    first such block that is freed. Until then every read asyncio makes (256 KiB
-    into a new bytes object) costs an ``mmap``, an ``mremap``, a ``munmap`` and
-    two page faults: 15 to 25 us more per call for the floor's parent, which
-    reads that way. Any process that has once freed a large buffer no longer pays
-    it; a benchmark process that happens not to have would measure a floor that
-    no real application has. Freeing one 1 MiB block settles it.
-    """
-    del_me = bytearray(1 << 20)
-    del del_me
-
-
 class _Reader(asyncio.Protocol):
     def __init__(self, worker: FloorWorker) -> None:
         self.worker = worker

@@ -35,8 +35,9 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.floor import FloorPool, settle_malloc
+from benchmarks.floor import FloorPool
 from benchmarks.tasks import TASKS
+from corral._bench_floor import settle_malloc
 
 
 async def _corral_parent(pool: Any, n: int) -> float:

@@ -43,7 +43,8 @@ from typing import Any, Protocol
 
 from benchmarks import cost, tasks
 from benchmarks import throughput as under_load
-from benchmarks.floor import FloorPool, settle_malloc
+from benchmarks.floor import FloorPool
+from corral._bench_floor import settle_malloc
 
 WORKERS = 2
 MIB = 1024 * 1024

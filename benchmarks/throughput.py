@@ -120,7 +120,7 @@ async def _corral(n: int, profile: str | None, max_concurrency: int | None) -> d
 
 
 def _child(system: str, n: int, profile: str | None, max_concurrency: int | None, uv: bool) -> None:
-    from benchmarks.floor import settle_malloc
+    from corral._bench_floor import settle_malloc
 
     settle_malloc()  # each system in a fresh process: malloc as a long-running one has it
     run = _floor if system == "floor" else _corral

@@ -25,12 +25,16 @@ _DECODE = msgspec.msgpack.Decoder().decode
 
 
 def settle_malloc() -> None:
-    """Put this process's malloc where a long-running process's is (before measuring).
+    """Put this process's malloc where a long-running process's is: call before measuring.
 
-    glibc serves allocations over its mmap threshold (128 KiB at start) with an
-    mmap each, until the first such block is freed raises the threshold. Until
-    then every 256 KiB read the floor's asyncio reader makes costs an ``mmap``, an
-    ``mremap``, a ``munmap`` and page faults: a floor no long-running process has.
+    glibc serves an allocation over its mmap threshold (128 KiB when a process
+    starts) with an mmap of its own, and raises the threshold to the size of the
+    first such block that is freed. Until then every read asyncio makes (256 KiB
+    into a new bytes object) costs an ``mmap``, an ``mremap``, a ``munmap`` and
+    two page faults: 15 to 25 us more per call for the floor's parent, which
+    reads that way. A benchmark process that has never freed a large buffer
+    would measure a floor no real application has. Freeing one 1 MiB block
+    settles it. The repository's benchmarks use this one too.
     """
     settled = bytearray(1 << 20)
     del settled
