@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from ._errors import ProtocolError
 from ._streamed import StreamFrameDecoder, StreamFrameEncoder, pieces
-from ._transport import TruncatedStream
+from ._transport import StreamEnd
 
 __all__ = ["StreamReadProtocol", "StreamingTransport"]
 
@@ -142,11 +142,13 @@ class StreamingTransport:
         return self._transport.get_extra_info(name, default)
 
 
-class StreamReadProtocol(asyncio.BufferedProtocol, Generic[T]):
+class StreamReadProtocol(StreamEnd, asyncio.BufferedProtocol, Generic[T]):
     """The pool's reading side of a data socket: frames, and buffers read in place.
 
     Delivers to a ``_transport.FrameListener`` exactly as ``_ReadProtocol`` does.
     """
+
+    _decoder: StreamFrameDecoder[T]
 
     def __init__(self, decoder: StreamFrameDecoder[T], listener: Any, batch: Any = None) -> None:
         self._decoder = decoder
@@ -185,17 +187,3 @@ class StreamReadProtocol(asyncio.BufferedProtocol, Generic[T]):
             if len(messages) > 1:
                 batch.cork()  # several callers wake up next round: one write for all
         self._listener.frames_done()
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._broken:
-            return
-        self._broken = True
-        if self._decoder.buffered:
-            self._listener.connection_broken(
-                TruncatedStream(f"stream ended inside a frame ({self._decoder.buffered} bytes)")
-            )
-        else:
-            self._listener.connection_broken(None)

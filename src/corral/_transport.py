@@ -30,6 +30,7 @@ __all__ = [
     "FrameListener",
     "FrameWriter",
     "PipeConnection",
+    "StreamEnd",
     "TruncatedStream",
     "open_frame_reader",
     "open_pipe_connection",
@@ -118,7 +119,36 @@ def tick_batch(loop: asyncio.AbstractEventLoop) -> TickBatch:
     return batch
 
 
-class _ReadProtocol(asyncio.Protocol, Generic[T]):
+class StreamEnd:
+    """What a reading protocol does when its peer's side ends: one rule for pipes and sockets.
+
+    The connection breaks once, with ``TruncatedStream`` if the decoder holds part
+    of a frame, else with no error. Mixed into ``_ReadProtocol`` and
+    ``_stream_transport.StreamReadProtocol``, which set these three attributes.
+    """
+
+    _broken: bool
+    _decoder: Any
+    _listener: Any
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._broken:
+            return
+        self._broken = True
+        if self._decoder.buffered:
+            self._listener.connection_broken(
+                TruncatedStream(f"stream ended inside a frame ({self._decoder.buffered} bytes)")
+            )
+        else:
+            self._listener.connection_broken(None)
+
+
+class _ReadProtocol(StreamEnd, asyncio.Protocol, Generic[T]):
+    _decoder: FrameDecoder[T]
+
     def __init__(
         self,
         decoder: FrameDecoder[T],
@@ -153,20 +183,6 @@ class _ReadProtocol(asyncio.Protocol, Generic[T]):
         if failed is not None:
             self._broken = True
             listener.connection_broken(failed)
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._broken:
-            return
-        self._broken = True
-        if self._decoder.buffered:
-            self._listener.connection_broken(
-                TruncatedStream(f"stream ended inside a frame ({self._decoder.buffered} bytes)")
-            )
-        else:
-            self._listener.connection_broken(None)
 
 
 class _WriteProtocol(asyncio.Protocol):
