@@ -242,7 +242,6 @@ class FrameWriter:
         self._closed = True
         self._transport.close()
         self._release()  # segments kept for reuse: nothing more is sent
-        self._release()  # segments kept for reuse: nothing more is sent
 
 
 class PipeConnection:
