@@ -630,16 +630,14 @@ class MainThreadRuntime:
     def run_hooks(self, hooks: list[Callable[..., Any]], *args: Any) -> None:
         """Run lifecycle hooks in order: sync ones here, on the thread of the sync
         handlers; async ones on the loop thread, waited for."""
-        for hook in hooks:
-            import inspect  # only with hooks: an idle worker without them never loads it
+        if not hooks:
+            return
+        import inspect  # only with hooks: an idle worker without them never loads it
 
-            if inspect.iscoroutinefunction(hook):
-                outcome = hook(*args)
-            else:
-                outcome = hook(*args)
-                if not inspect.isawaitable(outcome):
-                    continue
-            self.ensure_loop().run(outcome)
+        for hook in hooks:
+            outcome = hook(*args)  # an async hook's coroutine, or whatever a sync one returns
+            if inspect.isawaitable(outcome):
+                self.ensure_loop().run(outcome)
 
     # --- lifecycle (main thread) --------------------------------------------------
 
